@@ -1,0 +1,40 @@
+"""Shared helpers: render the template with Copier's API and read what it produced."""
+
+import json
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+from copier import run_copy
+
+TEMPLATE = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def render(dst: Path, **data: object) -> Path:
+    """Render the working tree of the template (uncommitted changes included) into dst."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Dirty template changes included automatically")
+        run_copy(str(TEMPLATE), dst, data=data, defaults=True, unsafe=True, quiet=True, vcs_ref="HEAD")
+    return dst
+
+
+def run(*args: str | Path, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def compose_model(project: Path, compose_file: str) -> dict:
+    """The resolved Compose model, as `docker compose config` computes it (no daemon needed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    result = subprocess.run(
+        ["docker-compose", "-f", compose_file, "config", "--format", "json"],
+        cwd=project, capture_output=True, text=True, env=env,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"docker compose config -f {compose_file} failed:\n{result.stderr}")
+    return json.loads(result.stdout)

@@ -1,0 +1,131 @@
+"""Render every topology and check the output with the real tools users rely on."""
+
+import itertools
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, compose_model, render, run
+from hardening import stack_problems
+from nginx_stage import stage
+
+SERVICE_SETS = [
+    [],
+    ["postgres"],
+    ["redis"],
+    ["postgres", "redis"],
+    ["redis", "celery_worker"],
+    ["redis", "celery_beat"],
+    ["postgres", "redis", "celery_worker", "celery_beat"],
+]
+PROXY_MODES = ["npm", "nginx-certbot", "none"]
+FRONTENDS = ["spa", "none"]
+UPDATE_BOTS = ["dependabot", "renovate", "none"]
+
+
+def topologies() -> list[dict]:
+    """Every proxy mode x frontend x service set; other answers rotate through their choices."""
+    cases = []
+    for i, (proxy, frontend, services) in enumerate(itertools.product(PROXY_MODES, FRONTENDS, SERVICE_SETS)):
+        data = {
+            "project_name": f"Shop {i}",
+            "proxy_mode": proxy,
+            "frontend": frontend,
+            "services": services,
+            "backend": "existing" if i % 5 == 4 else "skeleton",
+            "update_bot": UPDATE_BOTS[i % 3],
+            "trivy_severity": ["CRITICAL", "HIGH", "MEDIUM"][i % 3],
+        }
+        if "celery_worker" in services:
+            data["celery_queues"] = "default,long" if i % 2 else "default"
+        if "postgres" in services and i % 4 == 1:
+            data["postgres_version"] = "18"
+        cases.append(data)
+    return cases
+
+
+def case_id(data: dict) -> str:
+    return f"{data['proxy_mode']}-{data['frontend']}-{'+'.join(data['services']) or 'api'}-{data['backend']}"
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away certificate for nginx -t of the HTTPS server."""
+    directory = tmp_path_factory.mktemp("cert")
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+        "-keyout", directory / "privkey.pem", "-out", directory / "fullchain.pem")
+    return directory
+
+
+def nginx_test(conf: Path) -> None:
+    run("nginx", "-t", "-q", "-e", "/dev/stderr", "-c", conf)
+
+
+def check_nginx(project: Path, root: Path, domain: str, cert: Path) -> None:
+    frontend = project / "frontend" / "nginx"
+    if frontend.is_dir():
+        nginx_test(stage(frontend, root / "frontend"))
+    proxy = project / "proxy" / "nginx"
+    if proxy.is_dir():
+        # Every mode the proxy entrypoint can select: pending, redirect + HTTPS, plain app.
+        for mode, https in (("http-pending", False), ("http-redirect", True), ("http-app", False)):
+            mode_root = root / f"proxy-{mode}"
+            conf = stage(proxy, mode_root)
+            active = mode_root / "tmp" / "nginx" / "active"
+            active.mkdir(parents=True)
+            (active / "http.conf").symlink_to(conf.parent / "modes" / f"{mode}.conf")
+            if https:
+                (active / "https.conf").symlink_to(conf.parent / "modes" / "https.conf")
+                shutil.copytree(cert, mode_root / "etc" / "letsencrypt" / "live" / domain)
+            nginx_test(conf)
+
+
+def unrendered_jinja(project: Path) -> list[str]:
+    marker = re.compile(r"\{%|\{#|(?<!\$)\{\{\s")
+    hits = []
+    for path in project.rglob("*"):
+        if path.is_file() and ".git" not in path.parts and "secrets" not in path.parts:
+            if marker.search(path.read_text(errors="replace")):
+                hits.append(str(path.relative_to(project)))
+    return hits
+
+
+@pytest.mark.parametrize("data", topologies(), ids=case_id)
+def test_topology_renders_hardened_and_valid(data: dict, tmp_path: Path, self_signed: Path) -> None:
+    project = render(tmp_path / "project", **data)
+    entry = "proxy" if data["proxy_mode"] == "nginx-certbot" else ("frontend" if data["frontend"] == "spa" else "backend")
+
+    # Compose: both stacks resolve and satisfy every hardening rule; the override file merges.
+    for compose_file, test in (("compose.yaml", False), ("compose.test.yaml", True)):
+        model = compose_model(project, compose_file)
+        problems = stack_problems(model, project, test=test, proxy_mode=data["proxy_mode"], entry=entry)
+        assert not problems, f"{compose_file}:\n" + "\n".join(problems)
+    run("docker-compose", "-f", "compose.yaml", "-f", "compose.override.yaml", "config", "--quiet", cwd=project)
+
+    yaml_files = [p for p in project.rglob("*.y*ml") if "secrets" not in p.parts]
+    run("yamllint", "--strict", "-c", TESTS / "yamllint.yaml", *yaml_files)
+    run("hadolint", *project.rglob("Dockerfile"))
+    scripts = list(project.rglob("*.sh"))
+    if scripts:
+        run("shellcheck", *scripts)
+    run("ruff", "check", "--quiet", "--no-cache", "--isolated", project)
+
+    workflow = project / ".github" / "workflows" / "security-scan.yml"
+    run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", workflow)
+    zizmor = run("zizmor", "--offline", "--persona=auditor", "--no-progress", workflow)
+    assert "No findings" in zizmor.stdout + zizmor.stderr
+    bot = data["update_bot"]
+    if bot == "dependabot":
+        run("check-jsonschema", "--builtin-schema", "vendor.dependabot", project / ".github" / "dependabot.yml")
+    elif bot == "renovate":
+        run("check-jsonschema", "--builtin-schema", "vendor.renovate", project / "renovate.json")
+    else:
+        assert not (project / "renovate.json").exists() and not (project / ".github" / "dependabot.yml").exists()
+
+    check_nginx(project, tmp_path / "nginx", "app.example.org", self_signed)
+    assert not unrendered_jinja(project)
+    for package in project.rglob("package*.json"):
+        json.loads(package.read_text())
