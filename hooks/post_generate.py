@@ -11,7 +11,7 @@ from pathlib import Path
 
 def ensure_secrets(project: Path) -> None:
     """Create missing secrets with the project's own script (the one `make secrets` runs)."""
-    script = project / "scripts" / "secrets.py"
+    script = project / "scripts" / "ensure_secrets.py"
     try:
         runpy.run_path(str(script), run_name="secrets_hook")["main"]()
     except OSError as exc:
@@ -22,8 +22,7 @@ def main() -> int:
     project = Path.cwd()
     ensure_secrets(project)
     print(
-        "NOTE: base images are referenced by tag, not pinned to digests yet "
-        "(this template version has no digest pinning).",
+        "NOTE: base images are referenced by tag, not pinned to digests yet (this template version has no digest pinning).",
         file=sys.stderr,
     )
     return 0
