@@ -21,6 +21,12 @@ def render(dst: Path, **data: object) -> Path:
     return dst
 
 
+def copier_cli(destination: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """`copier copy` as a user types it (non-interactive), from the template's working tree."""
+    command = ["copier", "copy", "--trust", "--defaults", "--vcs-ref=HEAD", *options, str(TEMPLATE), str(destination)]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
 def run(*args: str | Path, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True)
     if check and result.returncode != 0:
@@ -33,7 +39,10 @@ def compose_model(project: Path, compose_file: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     result = subprocess.run(
         ["docker-compose", "-f", compose_file, "config", "--format", "json"],
-        cwd=project, capture_output=True, text=True, env=env,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if result.returncode != 0:
         pytest.fail(f"docker compose config -f {compose_file} failed:\n{result.stderr}")

@@ -71,9 +71,9 @@ def stack_problems(model: dict, project: Path, *, test: bool, proxy_mode: str, e
         if external and (test or name != entry):
             problems.append(f"{name}: joins external networks {external}")
         image = svc.get("image", "")
-        if image not in own_images:
-            if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
-                problems.append(f"{name}: third-party image {image!r} has no fixed tag")
+        tag = image.rsplit("/", 1)[-1].partition(":")[2]
+        if image not in own_images and tag in ("", "latest"):
+            problems.append(f"{name}: third-party image {image!r} has no fixed tag")
     if proxy_mode == "npm" and not test:
         members = [n for n, s in model["services"].items() if any(networks[x].get("external") for x in s.get("networks") or {})]
         if members != [entry]:

@@ -55,8 +55,22 @@ def case_id(data: dict) -> str:
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A throw-away certificate for nginx -t of the HTTPS server."""
     directory = tmp_path_factory.mktemp("cert")
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-        "-keyout", directory / "privkey.pem", "-out", directory / "fullchain.pem")
+    run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        directory / "privkey.pem",
+        "-out",
+        directory / "fullchain.pem",
+    )
     return directory
 
 
@@ -87,9 +101,9 @@ def unrendered_jinja(project: Path) -> list[str]:
     marker = re.compile(r"\{%|\{#|(?<!\$)\{\{\s")
     hits = []
     for path in project.rglob("*"):
-        if path.is_file() and ".git" not in path.parts and "secrets" not in path.parts:
-            if marker.search(path.read_text(errors="replace")):
-                hits.append(str(path.relative_to(project)))
+        readable = path.is_file() and ".git" not in path.parts and "secrets" not in path.parts
+        if readable and marker.search(path.read_text(errors="replace")):
+            hits.append(str(path.relative_to(project)))
     return hits
 
 

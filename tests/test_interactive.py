@@ -1,0 +1,70 @@
+"""A person answers the questions in a real terminal: typing, a validation error, a multi-select."""
+
+import shutil
+from pathlib import Path
+
+import pexpect
+import pytest
+import yaml
+
+from conftest import TEMPLATE
+
+CLEAR_LINE = "\x15"  # Ctrl-U: discard the pre-filled default
+DOWN = "\x1b[B"
+ENTER = "\r"
+
+
+@pytest.mark.e2e
+def test_interactive_copy_with_multiselect_and_validation_error(tmp_path: Path) -> None:
+    destination = tmp_path / "demo"
+    child = pexpect.spawn(
+        shutil.which("copier") or "copier",
+        ["copy", "--trust", "--vcs-ref=HEAD", str(TEMPLATE), str(destination)],
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(50, 160),
+    )
+    transcript = tmp_path / "transcript.txt"
+    child.logfile_read = transcript.open("w")
+
+    def answer(prompt: str, keys: str) -> None:
+        child.expect_exact(prompt)
+        child.send(keys)
+
+    try:
+        answer("Human-readable project name", CLEAR_LINE + "Demo Shop" + ENTER)
+        answer("Slug used for image", ENTER)
+        answer("One-line description", ENTER)
+        # A typo first: the validator's message appears and the prompt stays open.
+        answer("Public domain name", CLEAR_LINE + "demo example" + ENTER)
+        child.expect_exact("domain: must be a lowercase fully-qualified domain name")
+        child.send(CLEAR_LINE + "demo.example.org" + ENTER)
+        answer("Contact e-mail", ENTER)
+        answer("Backend code", ENTER)
+        answer("Python version", ENTER)
+        answer("Frontend", ENTER)
+        answer("Node.js major version", ENTER)
+        # postgres and redis are pre-selected; move to "Celery worker(s)" and tick it.
+        answer("Services to include", DOWN + DOWN + " " + ENTER)
+        answer("Celery queues", CLEAR_LINE + "default,long" + ENTER)
+        answer("How traffic reaches the app", ENTER)
+        answer("Name of the external Docker network", ENTER)
+        answer("Allowed CORS origins", ENTER)
+        answer("PostgreSQL major version", ENTER)
+        answer("Redis version", ENTER)
+        answer("nginx version", ENTER)
+        answer("Lowest vulnerability severity", ENTER)
+        answer("Dependency update bot", ENTER)
+        child.expect_exact('Project "Demo Shop" is ready')
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, transcript.read_text()
+
+    answers = yaml.safe_load((destination / ".copier-answers.yml").read_text())
+    assert answers["domain"] == "demo.example.org"
+    assert answers["project_slug"] == "demo_shop"
+    assert answers["services"] == ["postgres", "redis", "celery_worker"]
+    compose = (destination / "compose.yaml").read_text()
+    assert "worker_default:" in compose and "worker_long:" in compose
+    assert (destination / "secrets" / "postgres_password").is_file()

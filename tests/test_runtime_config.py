@@ -1,0 +1,38 @@
+"""The SPA's runtime configuration is written at start into the tmpfs and cannot be injected."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import render
+
+
+@pytest.fixture(scope="module")
+def entrypoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render(tmp_path_factory.mktemp("spa") / "p", frontend="spa") / "frontend" / "docker" / "entrypoint.sh"
+
+
+def start(entrypoint: Path, runtime_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(entrypoint), "echo", "started"],
+        env={"PATH": "/usr/bin:/bin", "RUNTIME_CONFIG_DIR": str(runtime_dir), **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_runtime_config_is_written_then_command_runs(entrypoint: Path, tmp_path: Path) -> None:
+    result = start(entrypoint, tmp_path, API_BASE_URL="https://api.example.org/v1", WS_URL="/socket", APP_ENV="staging")
+    assert result.returncode == 0 and result.stdout.strip() == "started"
+    config = (tmp_path / "config.js").read_text()
+    assert '"apiBaseUrl": "https://api.example.org/v1"' in config
+    assert '"wsUrl": "/socket"' in config and '"environment": "staging"' in config
+
+
+@pytest.mark.parametrize("value", ['x"});alert(1);//', "</script><script>alert(1)</script>", "a b", "$(id)", "a\nb"])
+def test_runtime_config_refuses_injection(entrypoint: Path, tmp_path: Path, value: str) -> None:
+    result = start(entrypoint, tmp_path, API_BASE_URL=value)
+    assert result.returncode == 1
+    assert "API_BASE_URL may only contain" in result.stderr
+    assert not (tmp_path / "config.js").exists() and "started" not in result.stdout

@@ -1,0 +1,84 @@
+"""Secrets: generated once, strong, private, gitignored, never overwritten, never in answers."""
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+from conftest import copier_cli, render, run
+
+ALL_SERVICES = ["postgres", "redis", "celery_worker", "celery_beat"]
+NAMES = ["app_secret_key", "postgres_password", "redis_password"]
+
+
+def read_secrets(project: Path) -> dict[str, str]:
+    return {name: (project / "secrets" / name).read_text() for name in NAMES}
+
+
+def test_secrets_are_generated_strong_and_private(tmp_path: Path) -> None:
+    project = render(tmp_path / "p", services=ALL_SERVICES)
+    values = read_secrets(project)
+    assert len(set(values.values())) == len(NAMES)
+    for name, value in values.items():
+        # token_urlsafe(32): 43 characters of a 64-symbol alphabet = 256 bits.
+        assert len(value) >= 43 and value.replace("-", "").replace("_", "").isalnum(), name
+        mode = stat.S_IMODE((project / "secrets" / name).stat().st_mode)
+        assert mode & 0o007 == 0, f"{name} is readable by others ({oct(mode)})"
+        if os.geteuid() == 0:
+            assert mode == 0o440 and (project / "secrets" / name).stat().st_gid == 10001
+        else:
+            assert mode == 0o600
+
+
+def test_secrets_are_gitignored_and_absent_from_answers(tmp_path: Path) -> None:
+    project = render(tmp_path / "p", services=ALL_SERVICES)
+    run("git", "init", "-q", cwd=project)
+    for name in NAMES:
+        assert run("git", "check-ignore", "-q", f"secrets/{name}", cwd=project, check=False).returncode == 0
+    assert run("git", "check-ignore", "-q", "secrets/README.md", cwd=project, check=False).returncode == 1
+    assert run("git", "check-ignore", "-q", ".env", cwd=project, check=False).returncode == 0
+    answers = (project / ".copier-answers.yml").read_text()
+    tracked = run("git", "add", "--dry-run", ".", cwd=project).stdout
+    for value in read_secrets(project).values():
+        assert value not in answers and value not in tracked
+        for path in project.rglob("*"):
+            if path.is_file() and "secrets" not in path.parts:
+                assert value not in path.read_text(errors="replace"), path
+
+
+def test_second_copy_and_make_secrets_never_overwrite(tmp_path: Path) -> None:
+    project = render(tmp_path / "p", services=["postgres"])
+    before = {n: (project / "secrets" / n).read_text() for n in ("app_secret_key", "postgres_password")}
+    # A second copy over the project, now with redis too: only the new secret appears.
+    result = copier_cli(project, "--overwrite", "--data", "services=[postgres, redis]")
+    assert result.returncode == 0, result.stderr
+    assert "created redis_password" in result.stdout
+    run("python3", "scripts/ensure_secrets.py", cwd=project)
+    after = {n: (project / "secrets" / n).read_text() for n in before}
+    assert after == before
+    assert (project / "secrets" / "redis_password").read_text() not in before.values()
+
+
+def test_secrets_script_warns_when_the_group_cannot_be_set(tmp_path: Path) -> None:
+    """As a user outside group 10001 the group cannot be set: the file stays private, with a hint."""
+    if os.geteuid() != 0:
+        project = render(tmp_path / "p")
+        command = ["python3", "scripts/ensure_secrets.py"]
+    else:
+        # Run as nobody (not in group 10001), in a directory nobody can reach, with the system Python.
+        shared = Path(tempfile.mkdtemp(prefix="hc-secrets-"))
+        shared.chmod(0o755)
+        project = render(shared / "p")
+        run("chown", "-R", "65534:65534", project)
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "scripts/ensure_secrets.py"]
+    (project / "secrets" / "app_secret_key").unlink()
+    try:
+        result = subprocess.run(command, cwd=project, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "sudo make secrets" in result.stderr
+        assert stat.S_IMODE((project / "secrets" / "app_secret_key").stat().st_mode) == 0o600
+    finally:
+        if project.parent != tmp_path:
+            shutil.rmtree(project.parent)

@@ -1,0 +1,78 @@
+"""Bad answers: a clear one-line message naming the field, non-zero exit, nothing written."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import copier_cli, render
+
+# (answers, the start of the message the user sees)
+BAD_ANSWERS = [
+    ({"project_name": "x\ny: 1"}, "project_name: must start with a letter"),
+    ({"project_name": "{{ 7*7 }}"}, "project_name: must start with a letter"),
+    ({"project_slug": "My-App"}, "project_slug: must be 2-40 characters"),
+    ({"project_slug": "a; rm -rf /"}, "project_slug: must be 2-40 characters"),
+    ({"description": 'say "hi"; $(reboot)'}, "description: only letters"),
+    ({"description": "line\nbreak"}, "description: only letters"),
+    ({"domain": "example.org; return 200"}, "domain: must be a lowercase fully-qualified"),
+    ({"domain": "example.org\n"}, "domain: must be a lowercase fully-qualified"),
+    ({"domain": "localhost"}, "domain: must be a lowercase fully-qualified"),
+    ({"domain": "Example.ORG"}, "domain: must be a lowercase fully-qualified"),
+    ({"domain": "*.example.org"}, "domain: must be a lowercase fully-qualified"),
+    ({"domain": "-bad.example.org"}, "domain: must be a lowercase fully-qualified"),
+    ({"email": "Admin <admin@example.org>"}, "email: must be a plain address"),
+    ({"email": "admin@example.org\nBcc: x@y.org"}, "email: must be a plain address"),
+    ({"email": "admin"}, "email: must be a plain address"),
+    ({"backend": "existing", "asgi_app": "app.main:app; import os"}, "asgi_app: must look like"),
+    ({"backend": "existing", "asgi_app": "app.main"}, "asgi_app: must look like"),
+    ({"python_version": "3.12; echo"}, "python_version: must be 3.11 or newer"),
+    ({"python_version": "2.7"}, "python_version: must be 3.11 or newer"),
+    ({"node_version": "latest"}, "node_version: must be a Node.js major version"),
+    ({"services": ["celery_worker"]}, "services: celery needs redis"),
+    ({"services": ["postgres", "celery_beat"]}, "services: celery needs redis"),
+    ({"services": ["redis", "celery_worker"], "celery_queues": "default,Long"}, "celery_queues: must be 1-8"),
+    ({"services": ["redis", "celery_worker"], "celery_queues": "a,a"}, "celery_queues: queue names must be unique"),
+    ({"services": ["redis", "celery_worker"], "celery_queues": "default;touch x"}, "celery_queues: must be 1-8"),
+    ({"backend": "existing", "services": ["redis", "celery_beat"], "celery_app": "app:x:y"}, "celery_app: must look like"),
+    ({"proxy_mode": "npm", "npm_network": "net work"}, "npm_network: must be a Docker network name"),
+    ({"cors_origins": "*"}, "cors_origins: '*' is not an exact origin"),
+    ({"cors_origins": "https://a.example.org/path"}, "cors_origins: 'https://a.example.org/path' is not an exact origin"),
+    ({"cors_origins": "https://a.example.org, https://b.example.org"}, "is not an exact origin"),
+    ({"cors_origins": "https://ok.example.org,javascript://x"}, "cors_origins: 'javascript://x' is not an exact origin"),
+    ({"postgres_version": "17-alpine"}, "postgres_version: must be a PostgreSQL major version"),
+    ({"redis_version": "latest"}, "redis_version: must be a Redis version"),
+    ({"nginx_version": "1.27;"}, "nginx_version: must be an nginx version"),
+    ({"proxy_mode": "traefik"}, "Invalid choice"),
+    ({"trivy_severity": "LOW"}, "Invalid choice"),
+]
+
+
+@pytest.mark.parametrize(("answers", "message"), BAD_ANSWERS, ids=[str(a) for a, _ in BAD_ANSWERS])
+def test_bad_answer_is_rejected_and_writes_nothing(answers: dict, message: str, tmp_path: Path) -> None:
+    destination = tmp_path / "project"
+    with pytest.raises(ValueError) as error:
+        render(destination, **answers)
+    assert message in str(error.value)
+    assert not destination.exists()
+
+
+def test_good_edge_answers_are_accepted(tmp_path: Path) -> None:
+    project = render(
+        tmp_path / "project",
+        project_name="A.b_c-d 1",
+        domain="xn--bcher-kva.example.co.uk",
+        email="ops+alerts@example.org",
+        cors_origins="https://app.example.org,http://localhost:5173",
+        services=["redis", "celery_worker"],
+        celery_queues="default,long_running,q3",
+    )
+    assert "worker_long_running:" in (project / "compose.yaml").read_text()
+
+
+def test_cli_prints_one_line_message_and_exits_non_zero(tmp_path: Path) -> None:
+    destination = tmp_path / "project"
+    result = copier_cli(destination, "--data", "domain=evil.org;include /etc/passwd")
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "domain: must be a lowercase fully-qualified domain name" in last_line
+    assert not destination.exists()
