@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 from copier import run_copy
+from plumbum import local
 
 TEMPLATE = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
-def render(dst: Path, **data: object) -> Path:
-    """Render the working tree of the template (uncommitted changes included) into dst."""
-    with warnings.catch_warnings():
+def render(dst: Path, env: dict[str, str] | None = None, **data: object) -> Path:
+    """Render the working tree of the template (uncommitted changes included) into dst.
+
+    env: extra environment for the template's tasks (Copier hands tasks plumbum's copy of the
+    environment, so os.environ changes made after start-up do not reach them). Digest pinning is
+    off unless env says otherwise: the pinning tests bring their own registry."""
+    with warnings.catch_warnings(), local.env(**{"HARDENED_COMPOSE_PIN": "off", **(env or {})}):
         warnings.filterwarnings("ignore", message="Dirty template changes included automatically")
         run_copy(str(TEMPLATE), dst, data=data, defaults=True, unsafe=True, quiet=True, vcs_ref="HEAD")
     return dst
@@ -24,7 +29,7 @@ def render(dst: Path, **data: object) -> Path:
 def copier_cli(destination: Path, *options: str) -> subprocess.CompletedProcess[str]:
     """`copier copy` as a user types it (non-interactive), from the template's working tree."""
     command = ["copier", "copy", "--trust", "--defaults", "--vcs-ref=HEAD", *options, str(TEMPLATE), str(destination)]
-    return subprocess.run(command, capture_output=True, text=True)
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HARDENED_COMPOSE_PIN": "off"})
 
 
 def run(*args: str | Path, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
