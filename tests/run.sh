@@ -20,6 +20,6 @@ if ((${#missing[@]})); then
 fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
 
-ruff check hooks tests
-ruff format --check hooks tests
+ruff check hooks tests benchmarks
+ruff format --check hooks tests benchmarks
 python3 -m pytest -n auto "$@"
