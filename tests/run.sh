@@ -5,11 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# command -> Debian package
+declare -A packages=(
+    [nginx]=nginx-light [openssl]=openssl [git]=git [setpriv]=util-linux [curl]=curl
+    [docker-registry]=docker-registry [skopeo]=skopeo
+)
 missing=()
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v openssl >/dev/null || missing+=(openssl)
-command -v git >/dev/null || missing+=(git)
-command -v setpriv >/dev/null || missing+=(util-linux)
+for command in "${!packages[@]}"; do
+    command -v "$command" >/dev/null || missing+=("${packages[$command]}")
+done
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "run.sh: missing ${missing[*]}: sudo apt-get install ${missing[*]}" >&2
