@@ -1,0 +1,336 @@
+"""Self-hosted proxy + certbot against a real ACME server (pebble), all on 127.0.0.1, non-root.
+
+The proxy starts without a certificate, serves the ACME webroot, certbot (the rendered
+entrypoint logic) obtains a certificate, the proxy switches to HTTPS by itself, and after a
+forced renewal serves the new certificate: nobody signals it, there is no Docker socket.
+"""
+
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from servers import Processes, as_unprivileged, free_port, server_root, wait_for_port, wait_until, writable_by_server
+from test_e2e_nginx import SECURITY_HEADERS, fetch, start_backend
+
+from conftest import render, run
+from nginx_stage import stage
+
+pytestmark = pytest.mark.e2e
+
+DOMAIN = "app.example.org"
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/bin"
+
+
+@dataclass
+class Acme:
+    directory: str
+    ca_bundle: Path
+
+
+def start_pebble(processes: Processes, root: Path, http_port: int) -> Acme:
+    """pebble with its own TLS certificate, resolving every name to 127.0.0.1 through challtestsrv."""
+    run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        "-keyout",
+        root / "pebble.key",
+        "-out",
+        root / "pebble.pem",
+    )
+    (root / "pebble.key").chmod(0o644)
+    dns_port, acme_port = free_port(), free_port()
+    dns = processes.start(
+        [
+            "pebble-challtestsrv",
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+            "-dns01",
+            f"127.0.0.1:{dns_port}",
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-management",
+            f"127.0.0.1:{free_port()}",
+        ],
+        root / "challtestsrv.log",
+    )
+    config = {
+        "pebble": {
+            "listenAddress": f"127.0.0.1:{acme_port}",
+            "managementListenAddress": f"127.0.0.1:{free_port()}",
+            "certificate": str(root / "pebble.pem"),
+            "privateKey": str(root / "pebble.key"),
+            "httpPort": http_port,
+            "tlsPort": free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": False,
+        }
+    }
+    (root / "pebble.json").write_text(json.dumps(config))
+    env = {"PATH": SYSTEM_PATH, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_AUTHZREUSE": "0", "PEBBLE_WFE_NONCEREJECT": "0"}
+    pebble = processes.start(
+        ["pebble", "-config", root / "pebble.json", "-dnsserver", f"127.0.0.1:{dns_port}"], root / "pebble.log", env=env
+    )
+    wait_for_port(dns_port, dns)
+    wait_for_port(acme_port, pebble)
+    return Acme(f"https://127.0.0.1:{acme_port}/dir", root / "pebble.pem")
+
+
+def served_certificate(port: int) -> x509.Certificate | None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=3) as raw,
+            context.wrap_socket(raw, server_hostname=DOMAIN) as tls,
+        ):
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+    except OSError:
+        return None
+
+
+def https_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    conn.request("GET", path, headers={"Host": DOMAIN})
+    response = conn.getresponse()
+    result = response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    conn.close()
+    return result
+
+
+def tls_handshake_succeeds(port: int, version_flag: str) -> bool:
+    """openssl s_client with the client's floor lowered, so only the server can refuse old TLS."""
+    result = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-servername",
+            DOMAIN,
+            version_flag,
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return result.returncode == 0 and "Cipher is (NONE)" not in result.stdout
+
+
+@dataclass
+class Proxy:
+    root: Path
+    project: Path
+    http_port: int
+    https_port: int
+    backend: int
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
+    project = render(tmp_path / "p", proxy_mode="nginx-certbot", frontend="none", domain=DOMAIN, email="ops@example.org")
+    processes = Processes()
+    with server_root("acme") as root:
+        try:
+            http_port, https_port = free_port(), free_port()
+            backend = start_backend(processes, root)
+            conf = stage(
+                project / "proxy" / "nginx",
+                root,
+                upstreams={"backend": f"127.0.0.1:{backend}"},
+                ports={8080: http_port, 8443: https_port},
+            )
+            for path in ("tmp", "logs", "etc/letsencrypt", "var/www/certbot"):  # tmpfs and named volumes
+                writable_by_server(root / path)
+            entrypoint = shutil.copy(project / "proxy" / "docker" / "entrypoint.sh", root / "proxy-entrypoint.sh")
+            env = {
+                "PATH": SYSTEM_PATH,
+                "NGINX_DIR": str(root / "etc/nginx"),
+                "NGINX_ACTIVE_DIR": str(root / "tmp/nginx/active"),
+                "LETSENCRYPT_DIR": str(root / "etc/letsencrypt"),
+                "CERT_POLL_SECONDS": "1",
+            }
+            nginx = processes.start(
+                as_unprivileged(["sh", entrypoint, "nginx", "-e", "stderr", "-c", conf, "-g", "daemon off;"]),
+                root / "logs" / "proxy.log",
+                env=env,
+            )
+            wait_for_port(http_port, nginx)
+            yield Proxy(root, project, http_port, https_port, backend), processes
+        finally:
+            processes.stop_all()
+
+
+def run_certbot(proxy: Proxy, acme: Acme, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The rendered certbot entrypoint (one round), as the proxy's user, against pebble."""
+    entrypoint = shutil.copy(proxy.project / "certbot" / "entrypoint.sh", proxy.root / "certbot-entrypoint.sh")
+    env = {
+        "PATH": SYSTEM_PATH,
+        "HOME": str(proxy.root / "tmp"),
+        "REQUESTS_CA_BUNDLE": str(acme.ca_bundle),
+        "CERTBOT_DOMAIN": DOMAIN,
+        "CERTBOT_EMAIL": "ops@example.org",
+        "CERTBOT_SERVER": acme.directory,
+        "CERTBOT_CONFIG_DIR": str(proxy.root / "etc/letsencrypt"),
+        "CERTBOT_WORK_DIR": str(proxy.root / "tmp/certbot-work"),
+        "CERTBOT_LOGS_DIR": str(proxy.root / "tmp/certbot-logs"),
+        "CERTBOT_WEBROOT": str(proxy.root / "var/www/certbot"),
+        "CERTBOT_ONESHOT": "1",
+    }
+    command = ["sh", entrypoint] if not extra else ["certbot", *extra]
+    return subprocess.run(as_unprivileged(command), env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_acme_proxy_starts_without_certificate_obtains_one_and_follows_renewal(proxy: tuple[Proxy, Processes]) -> None:
+    p, processes = proxy
+    acme = start_pebble(processes, p.root, p.http_port)
+
+    # 1. No certificate yet: ACME challenges and /health work, the rest says so, no HTTPS.
+    probe = p.root / "var/www/certbot/.well-known/acme-challenge/probe"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("token-probe")
+    writable_by_server(p.root / "var/www/certbot")  # the webroot volume belongs to certbot's user
+    assert fetch(p.http_port, "/.well-known/acme-challenge/probe").body == b"token-probe"
+    assert fetch(p.http_port, "/health").status == 200
+    assert fetch(p.http_port, "/").status == 503
+    assert served_certificate(p.https_port) is None
+    master = (p.root / "tmp/nginx.pid").read_text()
+
+    # 2. certbot obtains a certificate over http-01 through the proxy's webroot.
+    result = run_certbot(p, acme)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = wait_until(lambda: served_certificate(p.https_port), timeout=20)
+    assert first is not None, "the proxy never switched to HTTPS"
+    assert DOMAIN in str(first.subject) + str(first.extensions)
+
+    # 3. HTTPS serves the app with HSTS; HTTP redirects, except ACME challenges.
+    status, headers, body = https_get(p.https_port, "/api/echo")
+    assert status == 200 and json.loads(body)["headers"]["x-forwarded-proto"] == "https"
+    assert headers["strict-transport-security"] == "max-age=63072000; includeSubDomains"
+    assert all(h in headers for h in SECURITY_HEADERS)
+    # Old workers finish their connections after a reload: poll until the new mode answers.
+    redirect = wait_until(lambda: (r := fetch(p.http_port, "/some/page?q=1")).status == 301 and r, timeout=10)
+    assert redirect and redirect.status == 301 and redirect.headers["location"] == f"https://{DOMAIN}/some/page?q=1"
+    assert "strict-transport-security" not in redirect.headers
+    assert fetch(p.http_port, "/.well-known/acme-challenge/probe").body == b"token-probe"
+
+    # 4. Mozilla intermediate: TLS 1.2 and 1.3 only.
+    assert tls_handshake_succeeds(p.https_port, "-tls1_2")
+    assert tls_handshake_succeeds(p.https_port, "-tls1_3")
+    assert not tls_handshake_succeeds(p.https_port, "-tls1_1")
+    assert not tls_handshake_succeeds(p.https_port, "-tls1")
+
+    # 5. A renewal (forced: pebble's certificates last years) is picked up without a signal.
+    renewal = run_certbot(
+        p,
+        acme,
+        "renew",
+        "--force-renewal",
+        "--no-random-sleep-on-renew",
+        "--non-interactive",
+        "--server",
+        acme.directory,
+        "--config-dir",
+        str(p.root / "etc/letsencrypt"),
+        "--work-dir",
+        str(p.root / "tmp/certbot-work"),
+        "--logs-dir",
+        str(p.root / "tmp/certbot-logs"),
+    )
+    assert renewal.returncode == 0, renewal.stdout + renewal.stderr
+    renewed = wait_until(
+        lambda: (c := served_certificate(p.https_port)) is not None and c.serial_number != first.serial_number and c,
+        timeout=20,
+    )
+    assert renewed, "the proxy kept serving the old certificate"
+    assert (p.root / "tmp/nginx.pid").read_text() == master, "nginx was restarted instead of reloaded"
+
+
+def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None:
+    """compose.test.yaml's proxy (PROXY_HTTP_ONLY=1) -> SPA nginx -> backend: one set of headers."""
+    project = render(tmp_path / "p", proxy_mode="nginx-certbot", frontend="spa", domain=DOMAIN)
+    run("node", "build.mjs", cwd=project / "frontend")
+    processes = Processes()
+    with server_root("chain") as root:
+        try:
+            backend = start_backend(processes, root)
+            frontend_port, proxy_port = free_port(), free_port()
+            front = stage(
+                project / "frontend" / "nginx",
+                root / "front",
+                upstreams={"backend": f"127.0.0.1:{backend}"},
+                ports={8080: frontend_port},
+            )
+            shutil.copytree(project / "frontend" / "dist", root / "front/usr/share/nginx/html", dirs_exist_ok=True)
+            edge = stage(
+                project / "proxy" / "nginx",
+                root / "edge",
+                upstreams={"backend": f"127.0.0.1:{backend}", "frontend": f"127.0.0.1:{frontend_port}"},
+                ports={8080: proxy_port},
+            )
+            for path in ("front/tmp", "edge/tmp", "logs"):
+                writable_by_server(root / path)
+            entry = shutil.copy(project / "proxy" / "docker" / "entrypoint.sh", root / "proxy-entrypoint.sh")
+            base = {"PATH": SYSTEM_PATH}
+            processes.start(
+                as_unprivileged(["nginx", "-e", "stderr", "-c", front, "-g", "daemon off;"]),
+                root / "logs" / "front.log",
+                env=base,
+            )
+            env = {
+                **base,
+                "PROXY_HTTP_ONLY": "1",
+                "NGINX_DIR": str(root / "edge/etc/nginx"),
+                "NGINX_ACTIVE_DIR": str(root / "edge/tmp/nginx/active"),
+                "LETSENCRYPT_DIR": str(root / "edge/etc/letsencrypt"),
+            }
+            proxy_process = processes.start(
+                as_unprivileged(["sh", entry, "nginx", "-e", "stderr", "-c", edge, "-g", "daemon off;"]),
+                root / "logs" / "edge.log",
+                env=env,
+            )
+            wait_for_port(frontend_port)
+            wait_for_port(proxy_port, proxy_process)
+
+            page = fetch(proxy_port, "/")
+            assert page.status == 200 and page.headers["cache-control"] == "no-cache"
+            echo = fetch(proxy_port, "/api/echo", headers={"X-Forwarded-For": "198.51.100.9"})
+            seen = json.loads(echo.body)["headers"]
+            assert seen["x-forwarded-for"] == "198.51.100.9, 127.0.0.1"
+            assert seen["x-forwarded-proto"] == "http"
+            raw = subprocess.run(
+                ["curl", "-s", "-D", "-", "-o", "/dev/null", f"http://127.0.0.1:{proxy_port}/"], capture_output=True, text=True
+            ).stdout.lower()
+            for header in SECURITY_HEADERS:
+                assert raw.count(f"\n{header}:") == 1, f"{header} must appear exactly once"
+        finally:
+            processes.stop_all()

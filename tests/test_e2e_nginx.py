@@ -1,0 +1,174 @@
+"""The rendered SPA nginx, run for real as a non-root user: what a browser and NPM would see."""
+
+import gzip
+import http.client
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import Processes, as_unprivileged, free_port, server_root, wait_for_port, writable_by_server
+from websockets.sync.client import connect
+
+from conftest import render, run
+from nginx_stage import stage
+
+pytestmark = pytest.mark.e2e
+
+SECURITY_HEADERS = (
+    "content-security-policy",
+    "x-content-type-options",
+    "x-frame-options",
+    "referrer-policy",
+    "permissions-policy",
+    "cross-origin-opener-policy",
+)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def fetch(port: int, path: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> Response:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    result = Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    conn.close()
+    return result
+
+
+def start_backend(processes: Processes, logs: Path) -> int:
+    port = free_port()
+    here = Path(__file__).resolve().parent
+    process = processes.start(
+        ["python3", "-m", "uvicorn", "standin_app:app", "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"],
+        logs / "backend.log",
+        cwd=here,
+    )
+    wait_for_port(port, process)
+    return port
+
+
+def start_nginx(processes: Processes, root: Path, conf: Path, entrypoint: Path, env: dict[str, str], port: int) -> None:
+    """The image's ENTRYPOINT (runtime config), then nginx in the foreground, as a non-root user."""
+    command = as_unprivileged(["sh", entrypoint, "nginx", "-e", "stderr", "-c", conf, "-g", "daemon off;"])
+    process = processes.start(command, root / "logs" / "nginx.log", env={"PATH": "/usr/sbin:/usr/bin:/bin", **env})
+    wait_for_port(port, process)
+
+
+@dataclass
+class Spa:
+    port: int
+    dead_backend_port: int
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def spa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spa]:
+    project = render(tmp_path_factory.mktemp("spa") / "p", frontend="spa", proxy_mode="none", project_name="Nginx Demo")
+    run("node", "build.mjs", cwd=project / "frontend")
+    processes = Processes()
+    with server_root("spa") as base:
+        try:
+            backend = start_backend(processes, base)
+            ports = []
+            for name, upstream in (("live", f"127.0.0.1:{backend}"), ("dead", f"127.0.0.1:{free_port()}")):
+                root = base / name
+                port = free_port()
+                conf = stage(project / "frontend" / "nginx", root, upstreams={"backend": upstream}, ports={8080: port})
+                shutil.copytree(project / "frontend" / "dist", root / "usr/share/nginx/html", dirs_exist_ok=True)
+                entrypoint = shutil.copy(project / "frontend" / "docker" / "entrypoint.sh", root / "entrypoint.sh")
+                writable_by_server(root / "tmp")  # the container's only writable path (tmpfs)
+                writable_by_server(root / "logs")
+                runtime = str(root / "tmp" / "runtime")
+                env = {"RUNTIME_CONFIG_DIR": runtime, "API_BASE_URL": "/api", "WS_URL": "/ws", "APP_ENV": "e2e"}
+                start_nginx(processes, root, conf, Path(entrypoint), env, port)
+                ports.append(port)
+            yield Spa(ports[0], ports[1], base / "live")
+        finally:
+            processes.stop_all()
+
+
+def test_nginx_serves_spa_with_cache_rules_gzip_and_health(spa: Spa) -> None:
+    assert fetch(spa.port, "/health").body == b"ok\n"
+    index = fetch(spa.port, "/")
+    assert index.status == 200 and b"Nginx Demo" in index.body
+    assert index.headers["cache-control"] == "no-cache"
+    route = fetch(spa.port, "/orders/42")  # SPA route: falls back to index.html
+    assert route.status == 200 and route.body == index.body and route.headers["cache-control"] == "no-cache"
+    script = next(p.name for p in (spa.root / "usr/share/nginx/html/assets").glob("main.*.js"))
+    asset = fetch(spa.port, f"/assets/{script}", headers={"Accept-Encoding": "gzip"})
+    assert asset.status == 200
+    assert asset.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert asset.headers["content-encoding"] == "gzip" and b"__APP_CONFIG__" in gzip.decompress(asset.body)
+    missing = fetch(spa.port, "/assets/missing.0123456789ab.js")
+    assert missing.status == 404 and "immutable" not in missing.headers.get("cache-control", "")
+
+
+@pytest.mark.parametrize(
+    ("case", "method", "path", "body", "status"),
+    [
+        ("ok", "GET", "/", None, 200),
+        ("directory redirect", "GET", "/assets", None, 301),
+        ("not found", "GET", "/assets/nope.js", None, 404),
+        ("body too large", "POST", "/api/upload", b"x" * (10 * 1024 * 1024 + 1), 413),
+        ("backend down", "GET", "/api/items", None, 502),
+    ],
+)
+def test_nginx_security_headers_on_every_status(
+    spa: Spa, case: str, method: str, path: str, body: bytes | None, status: int
+) -> None:
+    port = spa.dead_backend_port if case == "backend down" else spa.port
+    response = fetch(port, path, method=method, body=body)
+    assert response.status == status
+    missing = [h for h in SECURITY_HEADERS if h not in response.headers]
+    assert not missing, f"{case}: {missing} missing"
+    assert response.headers["server"] == "nginx", "no version in Server"
+    assert "x-xss-protection" not in response.headers
+    assert "strict-transport-security" not in response.headers, "plain HTTP: no HSTS"
+
+
+def test_nginx_runtime_config_is_written_at_start_and_not_cached(spa: Spa) -> None:
+    config = fetch(spa.port, "/config.js")
+    assert config.status == 200 and config.headers["cache-control"] == "no-store"
+    assert b'"environment": "e2e"' in config.body and b'"apiBaseUrl": "/api"' in config.body
+    # Written into the tmpfs at start, never into the web root.
+    assert (spa.root / "tmp" / "runtime" / "config.js").is_file()
+    assert not (spa.root / "usr/share/nginx/html/config.js").exists()
+
+
+def test_nginx_forwards_api_with_forwarded_headers_and_hsts_behind_tls(spa: Spa) -> None:
+    plain = fetch(spa.port, "/api/echo", headers={"Host": "app.example.org"})
+    seen = json.loads(plain.body)
+    assert seen["path"] == "/api/echo" and seen["headers"]["host"] == "app.example.org"
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+    assert seen["headers"]["x-forwarded-proto"] == "http" and seen["headers"]["x-real-ip"] == "127.0.0.1"
+    assert plain.headers["cache-control"] == "no-store"
+    # Behind Nginx Proxy Manager: TLS ended there, the client chain and scheme are passed on.
+    behind = fetch(spa.port, "/api/echo", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"})
+    seen = json.loads(behind.body)
+    assert seen["headers"]["x-forwarded-proto"] == "https"
+    assert seen["headers"]["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert behind.headers["strict-transport-security"].startswith("max-age=63072000")
+
+
+def test_nginx_upgrades_websockets_to_the_backend(spa: Spa) -> None:
+    with connect(f"ws://127.0.0.1:{spa.port}/ws", open_timeout=10) as socket:
+        socket.send("hello")
+        assert socket.recv(timeout=10) == "echo: hello"
+
+
+def test_nginx_runs_without_root(spa: Spa) -> None:
+    pid = int((spa.root / "tmp" / "nginx.pid").read_text())
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+    assert uid != 0 or not __import__("servers").AS_ROOT
+    # Everything it wrote is under its tmpfs path.
+    written = {p.relative_to(spa.root).parts[0] for p in spa.root.rglob("*") if p.stat().st_uid == 65534}
+    assert written <= {"tmp", "logs"}
