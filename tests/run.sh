@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # command -> Debian package
 declare -A packages=(
     [nginx]=nginx-light [openssl]=openssl [git]=git [setpriv]=util-linux [curl]=curl
-    [docker-registry]=docker-registry [skopeo]=skopeo
+    [docker-registry]=docker-registry [skopeo]=skopeo [redis-server]=redis-server
+    [pebble]=pebble [certbot]=certbot [psql]=postgresql [node]=nodejs
 )
 missing=()
 for command in "${!packages[@]}"; do

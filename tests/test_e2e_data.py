@@ -1,0 +1,306 @@
+"""Redis, PostgreSQL and the Celery healthchecks, run as the rendered files run them.
+
+Servers run as a non-root user whose only extra group is the secrets group (10001), as the
+containers do through group_add; the secret files keep the mode and group the project gives them.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import AS_ROOT, NOBODY, Processes, free_port, server_root, wait_for_port, wait_until
+
+from conftest import compose_model, render
+
+pytestmark = pytest.mark.e2e
+
+SECRETS_GID = 10001
+POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), Path("/usr/bin"))
+
+
+def as_service(command: list) -> list[str]:
+    """Like the containers: a non-root user, with the secrets group as its only extra group."""
+    if not AS_ROOT:
+        return [str(c) for c in command]
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", f"--groups={SECRETS_GID}", *map(str, command)]
+
+
+def copy_secret(project: Path, name: str, root: Path) -> Path:
+    """The generated secret, with its owner, group and mode (as the Compose bind mount keeps them)."""
+    target = root / "secrets" / name
+    target.parent.mkdir(exist_ok=True)
+    shutil.copy2(project / "secrets" / name, target)
+    stat = (project / "secrets" / name).stat()
+    if AS_ROOT:
+        os.chown(target, stat.st_uid, stat.st_gid)
+    return target
+
+
+def redis_cli(port: int, *args: str, password: str | None = None) -> str:
+    env = {"PATH": "/usr/bin:/bin", **({"REDISCLI_AUTH": password} if password else {})}
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, env=env).stdout.strip()
+
+
+@dataclass
+class RedisServer:
+    project: Path
+    root: Path
+    port: int
+    secret: Path
+    processes: Processes
+
+    def start(self, command_prefix=as_service) -> subprocess.Popen:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "REDIS_PASSWORD_FILE": str(self.secret),
+            "REDIS_DATA_DIR": str(self.root / "data"),
+            "REDIS_PORT": str(self.port),
+        }
+        return self.processes.start(command_prefix(["sh", self.root / "start-redis.sh"]), self.root / "redis.log", env=env)
+
+    @property
+    def password(self) -> str:
+        return (self.project / "secrets" / "redis_password").read_text()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    project = render(tmp_path / "p", services=["postgres", "redis", "celery_worker", "celery_beat"])
+    processes = Processes()
+    with server_root("redis") as root:
+        try:
+            shutil.copy(project / "redis" / "start-redis.sh", root / "start-redis.sh")
+            (root / "data").mkdir()
+            if AS_ROOT:
+                os.chown(root / "data", NOBODY, NOBODY)
+            server = RedisServer(project, root, free_port(), copy_secret(project, "redis_password", root), processes)
+            yield server
+        finally:
+            processes.stop_all()
+
+
+def healthcheck_command(project: Path, service: str) -> list[str]:
+    """The service's healthcheck as the engine runs it (`config` keeps Compose's $$ escapes)."""
+    test = compose_model(project, "compose.yaml")["services"][service]["healthcheck"]["test"]
+    test = [part.replace("$$", "$") for part in test]
+    return ["sh", "-c", test[1]] if test[0] == "CMD-SHELL" else test[1:]
+
+
+def test_redis_requires_the_secret_password_keeps_it_out_of_argv_and_persists(redis_server: RedisServer) -> None:
+    r = redis_server
+    process = r.start()
+    wait_for_port(r.port, process)
+    assert redis_cli(r.port, "ping").startswith("NOAUTH"), "unauthenticated commands must be refused"
+    assert redis_cli(r.port, "ping", password=r.password) == "PONG"
+
+    # The rendered healthcheck succeeds, and fails with a wrong password (redis-cli exits 0 anyway).
+    env = {"PATH": "/usr/bin:/bin", "REDIS_PASSWORD_FILE": str(r.secret), "REDIS_PORT": str(r.port)}
+    check = healthcheck_command(r.project, "redis")
+    assert subprocess.run(as_service(check), env=env).returncode == 0
+    wrong = r.root / "wrong"
+    wrong.write_text("not-the-password")
+    assert subprocess.run(check, env={**env, "REDIS_PASSWORD_FILE": str(wrong)}).returncode != 0
+
+    # The password is in no process's argv.
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert r.password.encode() not in cmdline.read_bytes(), f"password in argv of {cmdline}"
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+
+    # Data written before a restart is there after it (AOF on the data volume).
+    assert redis_cli(r.port, "set", "greeting", "hello", password=r.password) == "OK"
+    r.processes.stop(process, signal.SIGTERM)
+    process = r.start()
+    wait_for_port(r.port, process)
+    assert wait_until(lambda: redis_cli(r.port, "get", "greeting", password=r.password) == "hello", timeout=10)
+
+
+def test_redis_fails_closed_when_it_cannot_read_the_secret(redis_server: RedisServer) -> None:
+    if not AS_ROOT:
+        pytest.skip("needs root to run as a user outside the secrets group")
+    # nobody without group 10001: the secret (0440, group 10001) is unreadable.
+    no_group = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    process = redis_server.start(lambda command: no_group + [str(c) for c in command])
+    assert process.wait(timeout=10) == 1
+    assert "cannot read a password" in (redis_server.root / "redis.log").read_text()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", redis_server.port), timeout=1):
+        pass
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[tuple[Path, dict, int, Path]]:
+    project = render(tmp_path / "p", services=["postgres"])
+    environment = compose_model(project, "compose.yaml")["services"]["postgres"]["environment"]
+    processes = Processes()
+    with server_root("postgres") as root:
+        try:
+            secret = copy_secret(project, "postgres_password", root)
+            data = root / "data"
+            for path in (data, root / "run"):
+                path.mkdir(mode=0o700)
+                if AS_ROOT:
+                    os.chown(path, NOBODY, NOBODY)
+            # What the image's entrypoint does on first start: initdb with the password file,
+            # scram-sha-256 for TCP connections.
+            init = subprocess.run(
+                as_service(
+                    [
+                        POSTGRES_BIN / "initdb",
+                        "-D",
+                        data,
+                        "--username",
+                        environment["POSTGRES_USER"],
+                        "--pwfile",
+                        secret,
+                        "--auth-host=scram-sha-256",
+                        "--auth-local=trust",
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+                env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+            )
+            assert init.returncode == 0, init.stderr
+            port = free_port()
+            process = processes.start(
+                as_service([POSTGRES_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", port, "-k", root / "run"]),
+                root / "postgres.log",
+            )
+            wait_for_port(port, process)
+            createdb = subprocess.run(
+                as_service(
+                    [
+                        POSTGRES_BIN / "createdb",
+                        "-h",
+                        root / "run",
+                        "-p",
+                        port,
+                        "-U",
+                        environment["POSTGRES_USER"],
+                        environment["POSTGRES_DB"],
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+            )
+            assert createdb.returncode == 0, createdb.stderr
+            yield project, environment, port, secret
+        finally:
+            processes.stop_all()
+
+
+def test_postgres_password_auth_works_with_the_secret_only(postgres: tuple[Path, dict, int, Path]) -> None:
+    project, environment, port, secret = postgres
+    assert environment["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "POSTGRES_PASSWORD" not in environment
+
+    def psql(password: str | None) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": "/usr/bin:/bin", **({"PGPASSWORD": password} if password is not None else {})}
+        return subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                environment["POSTGRES_USER"],
+                "-d",
+                environment["POSTGRES_DB"],
+                "-w",
+                "-tAc",
+                "select current_user",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+
+    ok = psql(secret.read_text())
+    assert ok.returncode == 0 and ok.stdout.strip() == environment["POSTGRES_USER"]
+    assert psql("wrong-password").returncode != 0
+    assert psql(None).returncode != 0
+
+    # The skeleton backend builds its connection URL from the same secret file.
+    code = "from app.settings import settings; print(settings.database_url)"
+    env = {
+        "POSTGRES_PASSWORD_FILE": str(secret),
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": str(port),
+        "POSTGRES_USER": environment["POSTGRES_USER"],
+        "POSTGRES_DB": environment["POSTGRES_DB"],
+        "PATH": "/usr/bin:/bin",
+    }
+    url = subprocess.run(
+        [sys.executable, "-c", code], cwd=project / "backend", env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    via_url = subprocess.run(["psql", url, "-w", "-tAc", "select 1"], capture_output=True, text=True)
+    assert via_url.returncode == 0 and via_url.stdout.strip() == "1"
+
+
+def test_celery_worker_and_beat_healthchecks_follow_redis(redis_server: RedisServer) -> None:
+    r = redis_server
+    process = r.start()
+    wait_for_port(r.port, process)
+    backend = r.project / "backend"
+    env = {
+        **os.environ,
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": str(r.port),
+        "REDIS_PASSWORD_FILE": str(r.secret),
+        "SECRET_KEY_FILE": str(r.project / "secrets" / "app_secret_key"),
+        "HOSTNAME": socket.gethostname(),
+    }
+    r.processes.start(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "--app=app.celery_app",
+            "worker",
+            "--queues=default",
+            "--hostname=default@%h",
+            "--pool=solo",
+            "--loglevel=INFO",
+        ],
+        r.root / "worker.log",
+        cwd=backend,
+        env=env,
+    )
+    r.processes.start(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "--app=app.celery_app",
+            "beat",
+            "--loglevel=INFO",
+            f"--schedule={r.root / 'celerybeat-schedule'}",
+            f"--pidfile={r.root / 'celerybeat.pid'}",
+        ],
+        r.root / "beat.log",
+        cwd=backend,
+        env=env,
+    )
+    healthcheck = [sys.executable, str(backend / "docker" / "healthcheck.py")]
+    worker_check = healthcheck_command(r.project, "worker_default")
+
+    def healthy(command: list[str]) -> bool:
+        return subprocess.run(command, cwd=backend, env=env, capture_output=True, timeout=60).returncode == 0
+
+    assert wait_until(lambda: healthy(worker_check), timeout=60), (r.root / "worker.log").read_text()[-2000:]
+    assert wait_until(lambda: healthy([*healthcheck, "beat"]), timeout=30), (r.root / "beat.log").read_text()[-2000:]
+    assert healthy([*healthcheck, "redis"])
+
+    r.processes.stop(process)  # Redis goes down
+    assert not healthy([*healthcheck, "redis"])
+    assert not healthy([*healthcheck, "beat"])
+    assert not healthy(worker_check)
