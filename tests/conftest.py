@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -52,3 +53,31 @@ def compose_model(project: Path, compose_file: str) -> dict:
     if result.returncode != 0:
         pytest.fail(f"docker compose config -f {compose_file} failed:\n{result.stderr}")
     return json.loads(result.stdout)
+
+
+def release(source: Path, repo: Path, tag: str) -> None:
+    """Commit the template tree at source into the git repository repo as release `tag`.
+
+    The first call copies the template's files (tracked and new, as git lists them) into a new
+    repository; later calls commit what the test changed there."""
+    if not repo.exists():
+        names = run("git", "ls-files", "-z", "-co", "--exclude-standard", cwd=source).stdout.split("\0")
+        for name in filter(None, names):
+            if (source / name).is_file():
+                (repo / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source / name, repo / name)
+        run("git", "init", "-q", "-b", "main", cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-q", "--allow-empty", "-m", tag, cwd=repo)
+    run("git", "tag", tag, cwd=repo)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def git_identity() -> None:
+    """Commits made by the tests (and by Copier during updates) need an author on CI machines."""
+    identity = {"NAME": "Test", "EMAIL": "test@example.org"}
+    for role in ("AUTHOR", "COMMITTER"):
+        for field, value in identity.items():
+            key = f"GIT_{role}_{field}"
+            os.environ.setdefault(key, value)
+            local.env[key] = os.environ[key]  # the copy Copier hands to its tasks and git

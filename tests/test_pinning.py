@@ -3,7 +3,6 @@
 import hashlib
 import os
 import runpy
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,19 +11,13 @@ import pytest
 import yaml
 from registry import FaultProxy, Faults, Registry, TokenServer, push_image
 
-from conftest import TEMPLATE, render, run
+from conftest import TEMPLATE, release, render, run
 
 MIRRORS = "HARDENED_COMPOSE_REGISTRY_MIRRORS"
 FULL = {
     "frontend": "spa",
     "proxy_mode": "nginx-certbot",
     "services": ["postgres", "redis", "celery_worker", "celery_beat"],
-}
-GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.org",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.org",
 }
 
 
@@ -234,28 +227,12 @@ def test_check_mode_fails_on_unpinned_and_moved_tags(
     assert "postgres:17-alpine: not pinned" in capsys.readouterr().err
 
 
-def template_version(source: Path, repo: Path, tag: str) -> None:
-    """Commit the tree at source into repo as release `tag` (repo is created on first use)."""
-    if not repo.exists():
-        files = run("git", "ls-files", "-z", "-co", "--exclude-standard", cwd=source).stdout.split("\0")
-        for name in files:
-            if name and (source / name).is_file():
-                (repo / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source / name, repo / name)
-        run("git", "init", "-q", "-b", "main", cwd=repo)
-    run("git", "add", "-A", cwd=repo)
-    run("git", "commit", "-q", "--allow-empty", "-m", tag, cwd=repo)
-    run("git", "tag", tag, cwd=repo)
-
-
 def test_update_keeps_unchanged_pins_and_pins_changed_tags_without_conflicts(
     registry: Registry, pin_module: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in GIT_IDENTITY.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setenv(MIRRORS, f"docker.io={registry.url}")
     template = tmp_path / "template"
-    template_version(TEMPLATE, template, "v1.0.0")
+    release(TEMPLATE, template, "v1.0.0")
     v1 = push_all(registry, upstream_references(pin_module), pin_module)
 
     project = tmp_path / "project"
@@ -279,7 +256,7 @@ def test_update_keeps_unchanged_pins_and_pins_changed_tags_without_conflicts(
     new_python = push_image(registry, "library/python", "3.12-slim-bookworm", seed="new tag")
     common = template / "includes" / "common.jinja"
     common.write_text(common.read_text().replace("~ python_version ~ '-slim'", "~ python_version ~ '-slim-bookworm'"))
-    template_version(template, template, "v2.0.0")
+    release(template, template, "v2.0.0")
 
     run("copier", "update", "--trust", "--defaults", "--vcs-ref=v2.0.0", cwd=project)
 
