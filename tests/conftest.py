@@ -40,6 +40,13 @@ def run(*args: str | Path, cwd: Path | None = None, check: bool = True) -> subpr
     return result
 
 
+def self_signed_certificate(key: Path, cert: Path) -> None:
+    """A throw-away certificate for localhost and 127.0.0.1 (key readable by the test servers)."""
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert)  # fmt: skip
+    key.chmod(0o644)
+
+
 def compose_model(project: Path, compose_file: str) -> dict:
     """The resolved Compose model, as `docker compose config` computes it (no daemon needed)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}

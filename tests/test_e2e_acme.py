@@ -19,7 +19,7 @@ from cryptography import x509
 from servers import Processes, as_unprivileged, free_port, server_root, wait_for_port, wait_until, writable_by_server
 from test_e2e_nginx import SECURITY_HEADERS, fetch, start_backend
 
-from conftest import render, run
+from conftest import render, run, self_signed_certificate
 from nginx_stage import stage
 
 pytestmark = pytest.mark.e2e
@@ -36,25 +36,7 @@ class Acme:
 
 def start_pebble(processes: Processes, root: Path, http_port: int) -> Acme:
     """pebble with its own TLS certificate, resolving every name to 127.0.0.1 through challtestsrv."""
-    run(
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        "-keyout",
-        root / "pebble.key",
-        "-out",
-        root / "pebble.pem",
-    )
-    (root / "pebble.key").chmod(0o644)
+    self_signed_certificate(root / "pebble.key", root / "pebble.pem")
     dns_port, acme_port = free_port(), free_port()
     dns = processes.start(
         [

@@ -14,6 +14,17 @@ from registry import FaultProxy, Faults, Registry, TokenServer, push_image
 from conftest import TEMPLATE, release, render, run
 
 MIRRORS = "HARDENED_COMPOSE_REGISTRY_MIRRORS"
+# The image:tag references a full-topology project uses (see includes/common.jinja).
+UPSTREAM_REFS = sorted(
+    {
+        "python:3.12-slim",
+        "node:22-alpine",
+        "nginxinc/nginx-unprivileged:1.28-alpine",
+        "postgres:17-alpine",
+        "redis:7.4-alpine",
+        "certbot/certbot:v5.7.0",
+    }
+)
 FULL = {
     "frontend": "spa",
     "proxy_mode": "nginx-certbot",
@@ -44,19 +55,6 @@ def references(project: Path, pin_module: dict) -> list[str]:
     return found
 
 
-def upstream_references(pin_module: dict) -> list[str]:
-    """The image:tag references a full-topology project uses, in registry terms (repository, tag)."""
-    project_refs = {
-        "python:3.12-slim",
-        "node:22-alpine",
-        "nginxinc/nginx-unprivileged:1.28-alpine",
-        "postgres:17-alpine",
-        "redis:7.4-alpine",
-        "certbot/certbot:v5.7.0",
-    }
-    return sorted(project_refs)
-
-
 def push_all(registry: Registry, refs: list[str], pin_module: dict, seed: str = "") -> dict[str, str]:
     digests = {}
     for tagged in refs:
@@ -69,10 +67,8 @@ def resolver(pin_module: dict, url: str, **kwargs: float):
     return pin_module["Resolver"](mirrors={"docker.io": url}, **kwargs)
 
 
-def test_copy_pins_every_reference_to_its_index_digest(
-    registry: Registry, pin_module: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pushed = push_all(registry, upstream_references(pin_module), pin_module)
+def test_copy_pins_every_reference_to_its_index_digest(registry: Registry, pin_module: dict, tmp_path: Path) -> None:
+    pushed = push_all(registry, UPSTREAM_REFS, pin_module)
     project = render(tmp_path / "p", env={MIRRORS: f"docker.io={registry.url}", "HARDENED_COMPOSE_PIN": "on"}, **FULL)
 
     found = references(project, pin_module)
@@ -90,7 +86,7 @@ def test_copy_pins_every_reference_to_its_index_digest(
     # Build stages and the project's own images are left alone.
     dockerfile = (project / "backend" / "Dockerfile").read_text()
     assert f"FROM python:3.12-slim@{pushed['python:3.12-slim']} AS build" in dockerfile
-    assert "image: shop-backend" not in (project / "compose.yaml").read_text()
+    assert "image: my_app-backend:${IMAGE_TAG:-latest}\n" in (project / "compose.yaml").read_text()
     run("docker-compose", "-f", "compose.yaml", "config", "--quiet", cwd=project)
 
 
@@ -198,10 +194,8 @@ def test_rewrite_is_atomic(tmp_path: Path, pin_module: dict, monkeypatch: pytest
     assert [p.name for p in tmp_path.iterdir()] == ["Dockerfile"]
 
 
-def test_second_run_changes_nothing_and_asks_nothing(
-    registry: Registry, pin_module: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    push_all(registry, upstream_references(pin_module), pin_module)
+def test_second_run_changes_nothing_and_asks_nothing(registry: Registry, pin_module: dict, tmp_path: Path) -> None:
+    push_all(registry, UPSTREAM_REFS, pin_module)
     project = render(tmp_path / "p", env={MIRRORS: f"docker.io={registry.url}", "HARDENED_COMPOSE_PIN": "on"}, **FULL)
     before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
     r = resolver(pin_module, registry.url)
@@ -211,10 +205,9 @@ def test_second_run_changes_nothing_and_asks_nothing(
 
 
 def test_check_mode_fails_on_unpinned_and_moved_tags(
-    registry: Registry, pin_module: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    registry: Registry, pin_module: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    refs = upstream_references(pin_module)
-    push_all(registry, refs, pin_module)
+    push_all(registry, UPSTREAM_REFS, pin_module)
     project = render(tmp_path / "p", env={MIRRORS: f"docker.io={registry.url}", "HARDENED_COMPOSE_PIN": "on"}, **FULL)
     check = pin_module["pin"]
     assert check(project, check=True, resolver=resolver(pin_module, registry.url)) == 0
@@ -233,7 +226,7 @@ def test_update_keeps_unchanged_pins_and_pins_changed_tags_without_conflicts(
     monkeypatch.setenv(MIRRORS, f"docker.io={registry.url}")
     template = tmp_path / "template"
     release(TEMPLATE, template, "v1.0.0")
-    v1 = push_all(registry, upstream_references(pin_module), pin_module)
+    v1 = push_all(registry, UPSTREAM_REFS, pin_module)
 
     project = tmp_path / "project"
     run(
@@ -252,7 +245,7 @@ def test_update_keeps_unchanged_pins_and_pins_changed_tags_without_conflicts(
     run("git", "commit", "-q", "-m", "generated", cwd=project)
 
     # Upstream rebuilds every tag; the new template version changes only the Python base tag.
-    push_all(registry, upstream_references(pin_module), pin_module, seed="moved")
+    push_all(registry, UPSTREAM_REFS, pin_module, seed="moved")
     new_python = push_image(registry, "library/python", "3.12-slim-bookworm", seed="new tag")
     common = template / "includes" / "common.jinja"
     common.write_text(common.read_text().replace("~ python_version ~ '-slim'", "~ python_version ~ '-slim-bookworm'"))

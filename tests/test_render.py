@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, compose_model, render, run
+from conftest import TESTS, compose_model, render, run, self_signed_certificate
 from hardening import stack_problems
 from nginx_stage import stage
 
@@ -55,22 +55,7 @@ def case_id(data: dict) -> str:
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A throw-away certificate for nginx -t of the HTTPS server."""
     directory = tmp_path_factory.mktemp("cert")
-    run(
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        directory / "privkey.pem",
-        "-out",
-        directory / "fullchain.pem",
-    )
+    self_signed_certificate(directory / "privkey.pem", directory / "fullchain.pem")
     return directory
 
 
