@@ -1,5 +1,6 @@
 """A person answers the questions in a real terminal: typing, a validation error, a multi-select."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def test_interactive_copy_with_multiselect_and_validation_error(tmp_path: Path) 
     child = pexpect.spawn(
         shutil.which("copier") or "copier",
         ["copy", "--trust", "--vcs-ref=HEAD", str(TEMPLATE), str(destination)],
+        # No cursor-position requests: pexpect does not answer them, prompt_toolkit would wait.
+        env={**os.environ, "HARDENED_COMPOSE_PIN": "off", "PROMPT_TOOLKIT_NO_CPR": "1"},
         encoding="utf-8",
         timeout=30,
         dimensions=(50, 160),
