@@ -10,6 +10,7 @@ declare -A packages=(
     [nginx]=nginx-light [openssl]=openssl [git]=git [setpriv]=util-linux [curl]=curl
     [docker-registry]=docker-registry [skopeo]=skopeo [redis-server]=redis-server
     [pebble]=pebble [certbot]=certbot [psql]=postgresql [node]=nodejs
+    [dockerd]=docker.io [debootstrap]=debootstrap [iptables]=iptables
 )
 missing=()
 for command in "${!packages[@]}"; do
@@ -27,4 +28,5 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
 
 ruff check hooks tests benchmarks
 ruff format --check hooks tests benchmarks
-python3 -m pytest -n auto "$@"
+# loadgroup: the boot tests share one Docker engine, so they run in one worker.
+python3 -m pytest -n auto --dist loadgroup "$@"

@@ -1,0 +1,118 @@
+"""A throw-away Docker engine for the boot tests and the build benchmark (root only).
+
+`Engine` starts Debian's dockerd with its data root and socket in a temporary directory and
+stops it by PID. `build_standins` builds the local stand-ins for the upstream base images (see
+tests/standins/README.md). Images are built with Debian's 20.10 docker CLI, whose BuildKit needs
+no buildx plugin (the newer CLI on PATH refuses BuildKit without one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STANDINS = Path(__file__).resolve().parent / "standins"
+BUILD_CLI = "/usr/bin/docker"
+BASE_IMAGE = "hc-standin/debian:bookworm"
+# stand-in Dockerfile -> the upstream name:tag it replaces (the rendered files use these)
+STANDIN_TAGS = {
+    "python": "python:3.11-slim",
+    "node": "node:22-alpine",
+    "nginx": "nginxinc/nginx-unprivileged:1.28-alpine",
+    "postgres": "postgres:17-alpine",
+    "redis": "redis:7.4-alpine",
+}
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="hc-docker-"))
+        self.socket = self.root / "docker.sock"
+        self.pidfile = self.root / "docker.pid"
+        # docker compose as a CLI plugin, for scripts that call `docker compose` (verify.py).
+        plugins = self.root / "config" / "cli-plugins"
+        plugins.mkdir(parents=True)
+        compose = Path(sys.executable).parent / "docker-compose"
+        (plugins / "docker-compose").symlink_to(compose if compose.exists() else Path(shutil.which("docker-compose") or compose))
+        self.env = {
+            **os.environ,
+            "DOCKER_HOST": f"unix://{self.socket}",
+            "DOCKER_CONFIG": str(self.root / "config"),
+            "DOCKER_BUILDKIT": "1",
+        }
+        log = (self.root / "dockerd.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                "dockerd",
+                "--data-root",
+                self.root / "data",
+                "--exec-root",
+                self.root / "exec",
+                "-H",
+                f"unix://{self.socket}",
+                "--pidfile",
+                self.pidfile,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while self.docker("version", check=False).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("dockerd did not start:\n" + (self.root / "dockerd.log").read_text()[-3000:])
+            time.sleep(0.5)
+
+    def docker(self, *args: str | Path, check: bool = True, cli: str = "docker") -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([cli, *map(str, args)], env=self.env, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def build(self, tag: str, context: Path, dockerfile: Path | None = None, **build_args: str) -> None:
+        args = ["build", "--quiet", "--tag", tag]
+        args += [item for key, value in build_args.items() for item in ("--build-arg", f"{key}={value}")]
+        args += ["--file", dockerfile] if dockerfile else []
+        self.docker(*args, context, cli=BUILD_CLI)
+
+    def compose(
+        self, project: Path, compose_file: str, *args: str, check: bool = True, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["docker-compose", "-f", compose_file, *args], cwd=project, env={**self.env, **env}, capture_output=True, text=True
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"docker compose {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def inspect(self, kind: str, *names: str) -> list[dict]:
+        return json.loads(self.docker(kind, "inspect", *names).stdout)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        subprocess.run(["umount", "-R", self.root / "data"], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def build_standins(engine: Engine) -> None:
+    """The Debian base (debootstrap + docker import), then every stand-in tagged as upstream."""
+    work = engine.root / "standins"
+    shutil.copytree(STANDINS, work)
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", work / "ca-certificates.crt")
+    result = subprocess.run(["sh", work / "base.sh", work, BASE_IMAGE], env=engine.env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"base image: {result.stderr}\n{(work / 'debootstrap.log').read_text()[-2000:]}")
+    for name, tag in STANDIN_TAGS.items():
+        engine.build(tag, work, work / f"{name}.Dockerfile", BASE=BASE_IMAGE)

@@ -1,0 +1,115 @@
+"""Every topology boots under a real Docker engine and passes `make verify`'s checks from outside.
+
+Root only (dockerd); marked `boot`. One engine and one set of stand-in base images per test
+session; the tests share them through the xdist group "docker" (run with --dist loadgroup).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from docker_engine import Engine, build_standins
+from servers import free_port
+
+from conftest import render
+
+pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("docker")]
+
+# Every topology renders with the stand-ins' Python (Debian bookworm's 3.11).
+COMMON = {"python_version": "3.11"}
+TOPOLOGIES = {
+    "npm-spa-postgres-redis-celery": {
+        "proxy_mode": "npm",
+        "frontend": "spa",
+        "services": ["postgres", "redis", "celery_worker", "celery_beat"],
+    },
+    "nginx-certbot-spa-postgres": {"proxy_mode": "nginx-certbot", "frontend": "spa", "services": ["postgres"]},
+    "none-api-postgres-redis-celery": {
+        "proxy_mode": "none",
+        "frontend": "none",
+        "services": ["postgres", "redis", "celery_worker", "celery_beat"],
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("debootstrap"):
+        pytest.skip("boot tests need root, dockerd and debootstrap (tests/run.sh installs them)")
+    engine = Engine()
+    try:
+        build_standins(engine)
+        yield engine
+    finally:
+        engine.stop()
+
+
+def http(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, response.read()
+
+
+def no_egress(network: dict) -> bool:
+    """Internal network: the host drops every packet leaving its bridge for another subnet, and
+    nothing masquerades it (checked in the firewall rules; no packet is sent anywhere)."""
+    subnet = network["IPAM"]["Config"][0]["Subnet"]
+    bridge = f"br-{network['Id'][:12]}"
+    isolation = subprocess.run(["iptables", "-S", "DOCKER-ISOLATION-STAGE-1"], capture_output=True, text=True).stdout
+    nat = subprocess.run(["iptables", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True).stdout
+    return network["Internal"] and f"! -d {subnet} -i {bridge} -j DROP" in isolation and subnet not in nat
+
+
+@pytest.mark.parametrize("name", TOPOLOGIES)
+def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path: Path, name: str) -> None:
+    answers = {**COMMON, **TOPOLOGIES[name]}
+    project = render(tmp_path / "p", project_name="Boot Demo", **answers)
+    model = json.loads(engine.compose(project, "compose.test.yaml", "config", "--format", "json").stdout)
+    for service in model["services"].values():
+        if "build" in service:
+            engine.build(service["image"], Path(service["build"]["context"]))
+    port = free_port()
+    try:
+        engine.compose(
+            project, "compose.test.yaml", "up", "--detach", "--wait", "--wait-timeout", "240", "--no-build", HTTP_PORT=str(port)
+        )
+
+        # The operator's check (make test-verify): healthy, hardened, numeric non-root, limited.
+        result = subprocess.run(
+            ["python3", "scripts/verify.py", "--test", "--compose-file", "compose.test.yaml"],
+            cwd=project,
+            env={**engine.env, "HTTP_PORT": str(port)},
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"{len(model['services'])} passed, 0 failed" in result.stdout
+
+        # Through the entry point to the backend, postgres, redis and a celery task.
+        assert http(port, "/api/health") == (200, b'{"status":"ok"}')
+        assert http(port, "/api/health/db")[0] == 200
+        if "redis" in answers["services"]:
+            assert http(port, "/api/health/redis")[0] == 200
+        if "celery_worker" in answers["services"]:
+            assert json.loads(http(port, "/api/tasks/add?a=2&b=3", method="POST")[1]) == {"result": 5}
+        if answers["frontend"] == "spa":
+            status, page = http(port, "/")
+            assert status == 200 and b"Boot Demo" in page
+
+        containers = engine.compose(project, "compose.test.yaml", "ps", "--quiet").stdout.split()
+        assert len(containers) == len(model["services"])
+        for container in containers:
+            write = engine.docker("exec", container, "sh", "-c", "touch /hardened-compose-probe", check=False)
+            assert write.returncode != 0 and "Read-only file system" in write.stderr, container
+        assert no_egress(engine.inspect("network", f"{model['name']}_data")[0])
+    finally:
+        engine.compose(project, "compose.test.yaml", "down", "--volumes", "--remove-orphans", check=False)
+    label = f"label=com.docker.compose.project={model['name']}"
+    assert engine.docker("ps", "-aq", "--filter", label).stdout.strip() == ""
+    assert engine.docker("volume", "ls", "-q", "--filter", label).stdout.strip() == ""
+    assert engine.docker("network", "ls", "-q", "--filter", label).stdout.strip() == ""
