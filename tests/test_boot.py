@@ -55,6 +55,12 @@ def http(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
         return response.status, response.read()
 
 
+def verify(engine: Engine, project: Path) -> subprocess.CompletedProcess[str]:
+    """`make test-verify`, against the test engine."""
+    command = ["python3", "scripts/verify.py", "--test", "--compose-file", "compose.test.yaml"]
+    return subprocess.run(command, cwd=project, env=engine.env, capture_output=True, text=True)
+
+
 def no_egress(network: dict) -> bool:
     """Internal network: the host drops every packet leaving its bridge for another subnet, and
     nothing masquerades it (checked in the firewall rules; no packet is sent anywhere)."""
@@ -107,6 +113,25 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
             write = engine.docker("exec", container, "sh", "-c", "touch /hardened-compose-probe", check=False)
             assert write.returncode != 0 and "Read-only file system" in write.stderr, container
         assert no_egress(engine.inspect("network", f"{model['name']}_data")[0])
+
+        if name.startswith("none"):
+            # A weakened backend (writable root, running as root) must make verify fail, saying why.
+            (project / "compose.override.yaml").write_text('services:\n  backend:\n    read_only: false\n    user: "0"\n')
+            engine.compose(
+                project,
+                "compose.test.yaml",
+                "-f",
+                "compose.override.yaml",
+                "up",
+                "--detach",
+                "--no-build",
+                "--no-deps",
+                "backend",
+                HTTP_PORT=str(port),
+            )
+            weakened = verify(engine, project)
+            assert weakened.returncode == 1
+            assert "root filesystem is writable" in weakened.stdout and "not a non-root numeric UID" in weakened.stdout
     finally:
         engine.compose(project, "compose.test.yaml", "down", "--volumes", "--remove-orphans", check=False)
     label = f"label=com.docker.compose.project={model['name']}"
