@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,31 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
             write = engine.docker("exec", container, "sh", "-c", "touch /hardened-compose-probe", check=False)
             assert write.returncode != 0 and "Read-only file system" in write.stderr, container
         assert no_egress(engine.inspect("network", f"{model['name']}_data")[0])
+
+        if answers["proxy_mode"] == "nginx-certbot":
+            # The production mode of the proxy before any certificate exists (the test stack runs it
+            # HTTP-only): it must start read-only and non-root, answer "pending" and serve ACME.
+            (project / "compose.override.yaml").write_text('services:\n  proxy:\n    environment:\n      PROXY_HTTP_ONLY: "0"\n')
+            engine.compose(
+                project,
+                "compose.test.yaml",
+                "-f",
+                "compose.override.yaml",
+                "up",
+                "--detach",
+                "--wait",
+                "--no-build",
+                "--no-deps",
+                "proxy",
+                HTTP_PORT=str(port),
+            )
+            with pytest.raises(urllib.error.HTTPError) as pending:
+                http(port, "/")
+            assert pending.value.code == 503 and pending.value.read() == b"TLS certificate pending\n"
+            with pytest.raises(urllib.error.HTTPError) as challenge:
+                http(port, "/.well-known/acme-challenge/unknown-token")
+            assert challenge.value.code == 404
+            assert http(port, "/health") == (200, b"ok\n")
 
         if name.startswith("none"):
             # A weakened backend (writable root, running as root) must make verify fail, saying why.
