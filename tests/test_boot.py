@@ -62,6 +62,13 @@ def verify(engine: Engine, project: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=project, env=engine.env, capture_output=True, text=True)
 
 
+def recreate_with_override(engine: Engine, project: Path, port: int, service: str, settings: str) -> None:
+    """Recreate one service with extra settings from compose.override.yaml, and wait for it."""
+    (project / "compose.override.yaml").write_text(f"services:\n  {service}:\n    {settings}\n")
+    engine.compose(project, "compose.test.yaml", "-f", "compose.override.yaml", "up", "--detach", "--wait",
+                   "--no-build", "--no-deps", service, HTTP_PORT=str(port))  # fmt: skip
+
+
 def no_egress(network: dict) -> bool:
     """Internal network: the host drops every packet leaving its bridge for another subnet, and
     nothing masquerades it (checked in the firewall rules; no packet is sent anywhere)."""
@@ -118,20 +125,7 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
         if answers["proxy_mode"] == "nginx-certbot":
             # The production mode of the proxy before any certificate exists (the test stack runs it
             # HTTP-only): it must start read-only and non-root, answer "pending" and serve ACME.
-            (project / "compose.override.yaml").write_text('services:\n  proxy:\n    environment:\n      PROXY_HTTP_ONLY: "0"\n')
-            engine.compose(
-                project,
-                "compose.test.yaml",
-                "-f",
-                "compose.override.yaml",
-                "up",
-                "--detach",
-                "--wait",
-                "--no-build",
-                "--no-deps",
-                "proxy",
-                HTTP_PORT=str(port),
-            )
+            recreate_with_override(engine, project, port, "proxy", 'environment:\n      PROXY_HTTP_ONLY: "0"')
             with pytest.raises(urllib.error.HTTPError) as pending:
                 http(port, "/")
             assert pending.value.code == 503 and pending.value.read() == b"TLS certificate pending\n"
@@ -142,19 +136,7 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
 
         if name.startswith("none"):
             # A weakened backend (writable root, running as root) must make verify fail, saying why.
-            (project / "compose.override.yaml").write_text('services:\n  backend:\n    read_only: false\n    user: "0"\n')
-            engine.compose(
-                project,
-                "compose.test.yaml",
-                "-f",
-                "compose.override.yaml",
-                "up",
-                "--detach",
-                "--no-build",
-                "--no-deps",
-                "backend",
-                HTTP_PORT=str(port),
-            )
+            recreate_with_override(engine, project, port, "backend", 'read_only: false\n    user: "0"')
             weakened = verify(engine, project)
             assert weakened.returncode == 1
             assert "root filesystem is writable" in weakened.stdout and "not a non-root numeric UID" in weakened.stdout
