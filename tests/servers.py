@@ -27,9 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def as_unprivileged(command: Sequence[str | Path]) -> list[str]:
-    """The command, run as nobody (no supplementary groups) when we are root."""
-    prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if AS_ROOT else []
+def as_unprivileged(command: Sequence[str | Path], groups: Sequence[int] = ()) -> list[str]:
+    """The command, run as nobody with only these supplementary groups, when we are root."""
+    membership = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", membership] if AS_ROOT else []
     return prefix + [str(c) for c in command]
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from servers import AS_ROOT, NOBODY, Processes, free_port, server_root, wait_for_port, wait_until
+from servers import AS_ROOT, NOBODY, Processes, as_unprivileged, free_port, server_root, wait_for_port, wait_until
 
 from conftest import compose_model, render
 
@@ -27,9 +27,7 @@ POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), rever
 
 def as_service(command: list) -> list[str]:
     """Like the containers: a non-root user, with the secrets group as its only extra group."""
-    if not AS_ROOT:
-        return [str(c) for c in command]
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", f"--groups={SECRETS_GID}", *map(str, command)]
+    return as_unprivileged(command, groups=[SECRETS_GID])
 
 
 def copy_secret(project: Path, name: str, root: Path) -> Path:
@@ -127,8 +125,7 @@ def test_redis_fails_closed_when_it_cannot_read_the_secret(redis_server: RedisSe
     if not AS_ROOT:
         pytest.skip("needs root to run as a user outside the secrets group")
     # nobody without group 10001: the secret (0440, group 10001) is unreadable.
-    no_group = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    process = redis_server.start(lambda command: no_group + [str(c) for c in command])
+    process = redis_server.start(as_unprivileged)
     assert process.wait(timeout=10) == 1
     assert "cannot read a password" in (redis_server.root / "redis.log").read_text()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", redis_server.port), timeout=1):
