@@ -114,13 +114,17 @@ def test_topology_renders_hardened_and_valid(data: dict, tmp_path: Path, self_si
 
     workflow = project / ".github" / "workflows" / "security-scan.yml"
     run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", workflow)
-    zizmor = run("zizmor", "--offline", "--persona=auditor", "--no-progress", workflow)
+    # The project root, so zizmor audits the Dependabot configuration (cooldown) too.
+    zizmor = run("zizmor", "--offline", "--persona=auditor", "--no-progress", project)
     assert "No findings" in zizmor.stdout + zizmor.stderr
     bot = data["update_bot"]
     if bot == "dependabot":
         run("check-jsonschema", "--builtin-schema", "vendor.dependabot", project / ".github" / "dependabot.yml")
     elif bot == "renovate":
         run("check-jsonschema", "--builtin-schema", "vendor.renovate", project / "renovate.json")
+        # Renovate's cooldown (zizmor does not audit Renovate): a week, security fixes exempt.
+        renovate = json.loads((project / "renovate.json").read_text())
+        assert renovate["minimumReleaseAge"] == "7 days" and renovate["vulnerabilityAlerts"]["minimumReleaseAge"] is None
     else:
         assert not (project / "renovate.json").exists() and not (project / ".github" / "dependabot.yml").exists()
 
