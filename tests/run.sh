@@ -10,12 +10,15 @@ declare -A packages=(
     [nginx]=nginx-light [openssl]=openssl [git]=git [setpriv]=util-linux [curl]=curl
     [docker-registry]=docker-registry [skopeo]=skopeo [redis-server]=redis-server
     [pebble]=pebble [certbot]=certbot [psql]=postgresql [node]=nodejs
-    [dockerd]=docker.io [debootstrap]=debootstrap [iptables]=iptables
+    [dockerd]=docker.io [debootstrap]=debootstrap [iptables]=iptables [pipx]=pipx
 )
 missing=()
 for command in "${!packages[@]}"; do
     command -v "$command" >/dev/null || missing+=("${packages[$command]}")
 done
+# Debian's python3 refuses `pip install` outside a virtual environment (PEP 668) and ships venv
+# support separately.
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "run.sh: missing ${missing[*]}: sudo apt-get install ${missing[*]}" >&2
@@ -24,7 +27,10 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
+# The test tools live in a virtual environment of their own (.venv, gitignored, reused by later runs).
+[ -x .venv/bin/python3 ] || python3 -m venv .venv
+.venv/bin/python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+export PATH="$PWD/.venv/bin:$PATH"
 
 ruff check hooks tests benchmarks
 ruff format --check hooks tests benchmarks
