@@ -277,6 +277,24 @@ def without_commit(path: Path) -> str:
     return "".join(line for line in path.read_text().splitlines(keepends=True) if not line.startswith("_commit:"))
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "image_digests: {}\n",
+        'image_digests: {"old:1": "sha256:' + "b" * 64 + '"}\n',
+        "image_digests:\n    old:1: sha256:" + "b" * 64 + "\n\n    # a comment\n    '1:30': sha256:" + "c" * 64 + "\n",
+        "",  # a project from before the answer existed
+    ],
+)
+def test_the_answers_entry_is_replaced_in_place_whatever_its_style(pin_module: dict, entry: str) -> None:
+    before, after = "# header\n_commit: v1\nfrontend: spa\n", "# kept\nservices:\n- postgres\nupdate_bot: none"
+    digests = {"redis:7.4-alpine": "sha256:" + "a" * 64, "1:30": "sha256:" + "d" * 64}
+    text = pin_module["answers_with_digests"](before + entry + after, digests)
+    assert text.startswith(before) and (text.endswith(after) or not entry)
+    assert yaml.safe_load(text) == {**yaml.safe_load(before + after), "image_digests": digests}
+    assert pin_module["answers_with_digests"](text, digests) == text
+
+
 def test_a_write_failure_part_way_leaves_every_file_unchanged(registry: Registry, pin_module: dict, tmp_path: Path) -> None:
     """A real write error (file size limit: like a full disk, and root is not exempt) after some files were written."""
     push_all(registry, UPSTREAM_REFS, pin_module)
