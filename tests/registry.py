@@ -5,7 +5,7 @@
 - `push_image`: builds a tiny image in memory (OCI index, Docker manifest list or a single
   manifest) and pushes it over the registry HTTP API; no container engine needed.
 - `FaultProxy`: forwards to the registry, adding latency or faults (429s, a missing
-  Docker-Content-Digest header, hanging) and counting requests.
+  Docker-Content-Digest header, hanging, redirecting elsewhere) and counting requests.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class TokenServer:
         self.cert_path = directory / "token-signer.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         self.requests = 0
+        self.authorizations: list[str | None] = []  # the Authorization header of each request
         self.deny = False
         self.port = free_port()
         server = self
@@ -82,6 +83,7 @@ class TokenServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.requests += 1
+                server.authorizations.append(self.headers.get("Authorization"))
                 query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
                 if server.deny:
                     self.send_response(401)
@@ -289,6 +291,7 @@ class Faults:
     status_count: int = 0
     strip_digest_header: bool = False
     hang_seconds: float = 0.0
+    redirect_to: str | None = None  # answer 307 to this URL + the request's path
     log: list[tuple[str, str, int, int]] = field(default_factory=list)  # method, path, status, bytes
 
 
@@ -318,6 +321,13 @@ class FaultProxy:
                     injected = f.status_first if f.status_count > 0 else None
                     if injected:
                         f.status_count -= 1
+                if f.redirect_to:
+                    f.log.append((self.command, self.path, 307, 0))
+                    self.send_response(307)
+                    self.send_header("Location", f.redirect_to + self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if injected:
                     f.log.append((self.command, self.path, injected, 0))  # before answering: no race
                     self.send_response(injected)

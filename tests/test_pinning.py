@@ -1,15 +1,21 @@
 """Digest pinning against a real registry (Debian's docker-registry on 127.0.0.1)."""
 
+import base64
 import hashlib
+import json
 import os
+import resource
 import runpy
+import signal
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from registry import FaultProxy, Faults, Registry, TokenServer, push_image
+from registry import FaultProxy, Faults, Registry, TokenServer, free_port, push_image
 
 from conftest import TEMPLATE, release, render, run
 
@@ -48,11 +54,11 @@ def pin_module(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def references(project: Path, pin_module: dict) -> list[str]:
-    found = []
-    for path in pin_module["find_files"](project):
-        for match, group in pin_module["references_in"](path, path.read_text()):
-            found.append(match.group(group))
-    return found
+    return [ref for path in pin_module["find_files"](project) for ref in references_in(path, pin_module)]
+
+
+def references_in(path: Path, pin_module: dict) -> list[str]:
+    return [match.group(group) for match, group in pin_module["references_in"](path, path.read_text())]
 
 
 def push_all(registry: Registry, refs: list[str], pin_module: dict, seed: str = "") -> dict[str, str]:
@@ -65,6 +71,20 @@ def push_all(registry: Registry, refs: list[str], pin_module: dict, seed: str = 
 
 def resolver(pin_module: dict, url: str, **kwargs: float):
     return pin_module["Resolver"](mirrors={"docker.io": url}, **kwargs)
+
+
+def snapshot(project: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+
+
+# The project's scripts run on servers with a plain python3: the real interpreter, isolated from
+# this environment and without site-packages (so without PyYAML).
+PLAIN_PYTHON = [sys.executable, "-I", "-S"]
+
+
+def run_pin_script(project: Path, *args: str, env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    command = [*PLAIN_PYTHON, "scripts/pin_images.py", *args]
+    return subprocess.run(command, cwd=project, env={**os.environ, **env}, capture_output=True, text=True, **kwargs)
 
 
 def test_copy_pins_every_reference_to_its_index_digest(registry: Registry, pin_module: dict, tmp_path: Path) -> None:
@@ -143,13 +163,52 @@ def test_unknown_tag_is_a_clear_error_without_retries(registry: Registry, pin_mo
         proxy.close()
 
 
-def test_429_is_retried_with_backoff_then_succeeds(registry: Registry, pin_module: dict) -> None:
+@pytest.mark.parametrize("status", [429, 503])
+def test_429_and_5xx_are_retried_with_backoff_then_succeed(registry: Registry, pin_module: dict, status: int) -> None:
     pushed = push_image(registry, "library/demo", "1.0")
-    proxy = FaultProxy(registry.url, Faults(status_first=429, status_count=2))
+    proxy = FaultProxy(registry.url, Faults(status_first=status, status_count=2))
     try:
         r = resolver(pin_module, proxy.url, backoff=0.01)
         assert r.resolve(pin_module["Reference"].parse("demo:1.0")) == pushed
-        assert [s for *_, s, _ in proxy.faults.log] == [429, 429, 200]
+        assert [s for *_, s, _ in proxy.faults.log] == [status, status, 200]
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("registry_url", ["closed port", "http://registry.invalid:5000"])
+def test_unreachable_registry_costs_one_attempt_per_image_and_no_wait(
+    registry_url: str, pin_module: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused connection or a host name that does not resolve will not work a moment later."""
+    url = f"http://127.0.0.1:{free_port()}" if registry_url == "closed port" else registry_url  # nothing listens
+    project = render(tmp_path / "p", **FULL)
+    before = snapshot(project)
+    r = resolver(pin_module, url)
+    start = time.monotonic()
+    assert pin_module["pin"](project, resolver=r) == 1
+    elapsed = time.monotonic() - start
+    assert r.requests == len(UPSTREAM_REFS), "one attempt per image, no retries"
+    assert elapsed < 2, f"{elapsed:.1f} s"  # a generous regression guard; it takes a few ms
+    assert snapshot(project) == before
+    err = capsys.readouterr().err
+    assert f"WARNING: {len(UPSTREAM_REFS)} image references stay on their tag only" in err and "make pin" in err
+    assert err.count(" unreachable: ") == 1, "the reason is said once"
+    assert all(f"    {ref}\n" in err for ref in UPSTREAM_REFS)
+
+
+def test_one_deadline_bounds_all_lookups_however_many_time_out(
+    registry: Registry, pin_module: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = FaultProxy(registry.url, Faults(hang_seconds=3.0))
+    try:
+        project = render(tmp_path / "p", **FULL)
+        r = resolver(pin_module, proxy.url, timeout=10.0, deadline=0.6)
+        start = time.monotonic()
+        assert pin_module["pin"](project, resolver=r) == 1
+        elapsed = time.monotonic() - start
+        assert elapsed < 1.5, f"{elapsed:.1f} s: not bounded by the 0.6 s deadline"
+        assert r.requests == len(UPSTREAM_REFS), "no retry once the deadline is reached"
+        assert "unreachable: timed out" in capsys.readouterr().err
     finally:
         proxy.close()
 
@@ -173,25 +232,107 @@ def test_registry_down_copy_succeeds_and_says_how_to_finish(tmp_path: Path, monk
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert "stay referenced by tag only" in result.stderr and "make pin" in result.stderr
+    assert "stay on their tag only" in result.stderr and "make pin" in result.stderr
     compose = (tmp_path / "p" / "compose.yaml").read_text()
     assert "image: postgres:17-alpine\n" in compose and "@sha256" not in compose
     assert yaml.safe_load((tmp_path / "p" / ".copier-answers.yml").read_text())["image_digests"] == {}
 
 
-def test_rewrite_is_atomic(tmp_path: Path, pin_module: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    dockerfile = tmp_path / "Dockerfile"
-    original = "FROM python:3.12-slim AS build\nFROM build\n"
-    dockerfile.write_text(original)
+def test_pin_and_check_run_on_a_plain_python_without_yaml(registry: Registry, pin_module: dict, tmp_path: Path) -> None:
+    assert subprocess.run([*PLAIN_PYTHON, "-c", "import yaml"], capture_output=True).returncode != 0
+    pushed = push_all(registry, UPSTREAM_REFS, pin_module)
+    project = render(tmp_path / "p", **FULL)
+    env = {MIRRORS: f"docker.io={registry.url}"}
+    answers = project / ".copier-answers.yml"
+    generated = answers.read_text()
 
-    def fail(*args: object) -> None:
-        raise OSError("disk full")
+    before = snapshot(project)
+    check = run_pin_script(project, "--check", env=env)
+    assert check.returncode == 1 and "python:3.12-slim: not pinned" in check.stderr, check.stderr
+    assert snapshot(project) == before, "--check writes nothing"
 
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        pin_module["rewrite"](dockerfile, original, {"python:3.12-slim": "sha256:" + "a" * 64})
-    assert dockerfile.read_text() == original
-    assert [p.name for p in tmp_path.iterdir()] == ["Dockerfile"]
+    result = run_pin_script(project, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "pin: pinned 6 image references" in result.stdout
+    assert all(ref.partition("@")[2] == pushed[ref.partition("@")[0]] for ref in references(project, pin_module))
+    assert yaml.safe_load(answers.read_text())["image_digests"] == pushed
+    # Only the image_digests entry changed, and it reads as Copier writes it: a project Copier
+    # renders from these digests has the same answers file and the same pinned files.
+    changed = [line for line in answers.read_text().splitlines() if line not in generated.splitlines()]
+    assert changed == ["image_digests:"] + [f"    {ref}: {digest}" for ref, digest in sorted(pushed.items())]
+    assert "image_digests: {}" not in answers.read_text()
+    rendered = render(tmp_path / "rendered", image_digests=pushed, **FULL)
+    for path in [answers, *pin_module["find_files"](project)]:
+        assert without_commit(path) == without_commit(rendered / path.relative_to(project)), path
+
+    after = snapshot(project)
+    check = run_pin_script(project, "--check", env=env)
+    assert check.returncode == 0, check.stderr
+    assert run_pin_script(project, env=env).returncode == 0
+    assert snapshot(project) == after, "a second run changes nothing"
+
+
+def without_commit(path: Path) -> str:
+    """The file's text without Copier's _commit line (a render of a dirty template tree gets a new one)."""
+    return "".join(line for line in path.read_text().splitlines(keepends=True) if not line.startswith("_commit:"))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "image_digests: {}\n",
+        'image_digests: {"old:1": "sha256:' + "b" * 64 + '"}\n',
+        "image_digests:\n    old:1: sha256:" + "b" * 64 + "\n\n    # a comment\n    '1:30': sha256:" + "c" * 64 + "\n",
+        "",  # a project from before the answer existed
+    ],
+)
+def test_the_answers_entry_is_replaced_in_place_whatever_its_style(pin_module: dict, entry: str) -> None:
+    before, after = "# header\n_commit: v1\nfrontend: spa\n", "# kept\nservices:\n- postgres\nupdate_bot: none"
+    digests = {"redis:7.4-alpine": "sha256:" + "a" * 64, "1:30": "sha256:" + "d" * 64}
+    text = pin_module["answers_with_digests"](before + entry + after, digests)
+    assert text.startswith(before) and (text.endswith(after) or not entry)
+    assert yaml.safe_load(text) == {**yaml.safe_load(before + after), "image_digests": digests}
+    assert pin_module["answers_with_digests"](text, digests) == text
+
+
+def test_a_write_failure_part_way_leaves_every_file_unchanged(registry: Registry, pin_module: dict, tmp_path: Path) -> None:
+    """A real write error (file size limit: like a full disk, and root is not exempt) after some files were written."""
+    push_all(registry, UPSTREAM_REFS, pin_module)
+    project = render(tmp_path / "p", **FULL)
+    before = snapshot(project)
+    # Files are written in find_files' order: the first one fits, a later one does not.
+    sizes = [len(before[path]) for path in pin_module["find_files"](project) if references_in(path, pin_module)]
+    limit = sizes[0] + 1000
+    assert max(sizes[1:]) > limit
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = run_pin_script(project, env={MIRRORS: f"docker.io={registry.url}"}, preexec_fn=limit_file_size)
+    assert result.returncode != 0 and "File too large" in result.stderr, result.stderr
+    assert snapshot(project) == before
+
+
+def test_a_failing_replacement_puts_back_the_files_already_replaced(
+    registry: Registry, pin_module: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    push_all(registry, UPSTREAM_REFS, pin_module)
+    project = render(tmp_path / "p", **FULL)
+    before = snapshot(project)
+    replace, calls = os.replace, []
+
+    def third_replacement_fails(source: str, target: Path) -> None:
+        calls.append(target)
+        if len(calls) == 3:
+            raise OSError("device went away")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", third_replacement_fails)
+    with pytest.raises(OSError, match="device went away"):
+        pin_module["pin"](project, resolver=resolver(pin_module, registry.url))
+    assert len(calls) > 3, "two files were replaced, then put back"
+    assert snapshot(project) == before
 
 
 def test_second_run_changes_nothing_and_asks_nothing(registry: Registry, pin_module: dict, tmp_path: Path) -> None:
@@ -272,3 +413,75 @@ def test_update_keeps_unchanged_pins_and_pins_changed_tags_without_conflicts(
     assert "python:3.12-slim" not in digests
     assert digests["redis:7.4-alpine"] == v1["redis:7.4-alpine"]
     assert "backend/Dockerfile" in status
+
+
+@pytest.fixture
+def registry_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], str]:
+    """Stores a login for a host in ~/.docker/config.json; returns the Authorization header it makes."""
+    auth = base64.b64encode(b"tester:secret-password").decode()
+    config = tmp_path / "docker-config"
+    config.mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+
+    def login(host: str) -> str:
+        (config / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+        return f"Basic {auth}"
+
+    return login
+
+
+@pytest.mark.parametrize(("realm_host", "sent"), [("127.0.0.1", True), ("localhost", False)])
+def test_credentials_go_to_a_plain_http_token_endpoint_only_on_the_registrys_own_host(
+    tmp_path: Path, pin_module: dict, registry_login: Callable[[str], str], realm_host: str, sent: bool
+) -> None:
+    tokens = TokenServer(tmp_path)
+    server = Registry(tmp_path, tokens, realm=f"http://{realm_host}:{tokens.port}/token")
+    try:
+        pushed = push_image(server, "team/demo", "1.0")
+        host = f"127.0.0.1:{server.port}"  # a private registry, named in the image reference
+        basic = registry_login(host)
+        r = pin_module["Resolver"](mirrors={host: server.url})  # http: the test registry has no TLS
+        assert r.resolve(pin_module["Reference"].parse(f"{host}/team/demo:1.0")) == pushed, "an anonymous token works"
+        assert tokens.authorizations == [basic if sent else None]
+        assert any("not sent" in w for w in r.warnings) != sent
+    finally:
+        server.close()
+        tokens.close()
+
+
+@pytest.mark.parametrize(("target_host", "kept"), [("127.0.0.1", True), ("localhost", False)])
+def test_a_redirect_to_another_host_drops_the_credentials(
+    tmp_path: Path, pin_module: dict, registry_login: Callable[[str], str], target_host: str, kept: bool
+) -> None:
+    tokens = TokenServer(tmp_path)
+    redirector = FaultProxy(f"http://127.0.0.1:{tokens.port}", Faults(redirect_to=f"http://{target_host}:{tokens.port}"))
+    server = Registry(tmp_path, tokens, realm=f"{redirector.url}/token")
+    try:
+        pushed = push_image(server, "team/demo", "1.0")
+        host = f"127.0.0.1:{server.port}"
+        basic = registry_login(host)
+        r = pin_module["Resolver"](mirrors={host: server.url})
+        assert r.resolve(pin_module["Reference"].parse(f"{host}/team/demo:1.0")) == pushed
+        assert [status for *_, status, _ in redirector.faults.log] == [307]
+        assert tokens.authorizations == [basic if kept else None]
+    finally:
+        server.close()
+        redirector.close()
+        tokens.close()
+
+
+def test_a_mirror_gets_its_own_credentials_not_the_registrys(
+    tmp_path: Path, pin_module: dict, registry_login: Callable[[str], str]
+) -> None:
+    tokens = TokenServer(tmp_path)
+    server = Registry(tmp_path, tokens)
+    try:
+        push_image(server, "library/demo", "1.0")
+        registry_login("docker.io")
+        resolver(pin_module, server.url).resolve(pin_module["Reference"].parse("demo:1.0"))
+        mirror_login = registry_login(f"127.0.0.1:{server.port}")
+        resolver(pin_module, server.url).resolve(pin_module["Reference"].parse("demo:1.0"))
+        assert tokens.authorizations == [None, mirror_login]
+    finally:
+        server.close()
+        tokens.close()
