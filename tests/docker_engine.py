@@ -89,7 +89,10 @@ class Engine:
             ["docker-compose", "-f", compose_file, *args], cwd=project, env={**self.env, **env}, capture_output=True, text=True
         )
         if check and result.returncode != 0:
-            raise RuntimeError(f"docker compose {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+            # The containers' own words say why a service never became healthy.
+            logs = subprocess.run(["docker-compose", "-f", compose_file, "logs", "--no-color", "--tail", "40"],
+                                  cwd=project, env={**self.env, **env}, capture_output=True, text=True)  # fmt: skip
+            raise RuntimeError(f"docker compose {' '.join(args)} failed:\n{result.stderr[-3000:]}\n{logs.stdout[-6000:]}")
         return result
 
     def inspect(self, kind: str, *names: str) -> list[dict]:

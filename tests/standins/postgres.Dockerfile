@@ -7,9 +7,9 @@ RUN groupadd --system --gid 70 postgres && useradd --system --uid 70 --gid 70 --
     && mkdir -p /var/lib/postgresql/data /var/run/postgresql \
     && chown postgres:postgres /var/lib/postgresql/data /var/run/postgresql && chmod 0700 /var/lib/postgresql/data
 ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data
-COPY postgres-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+COPY --chmod=0755 postgres-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 USER 70
 EXPOSE 5432
 STOPSIGNAL SIGINT
-ENTRYPOINT ["sh", "/usr/local/bin/docker-entrypoint.sh"]
+ENTRYPOINT ["docker-entrypoint.sh"]
 CMD ["postgres"]

@@ -1,0 +1,202 @@
+"""PostgreSQL as the rendered stack runs it: SCRAM for every login, and an application role that
+cannot escape the database. Real PostgreSQL (Debian's), started as a non-root user.
+
+The cluster is created with the rendered POSTGRES_INITDB_ARGS and the superuser's password file,
+served with the rendered pg_hba.conf, and set up by the rendered postgres/app-role.sql, as
+postgres/start-postgres.sh does in the container (the boot tests run that script itself).
+"""
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import AS_ROOT, NOBODY, Processes, as_unprivileged, free_port, server_root, wait_until
+
+from conftest import compose_model, render
+
+pytestmark = pytest.mark.e2e
+
+POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), Path("/usr/bin"))
+
+
+@dataclass
+class Postgres:
+    project: Path
+    root: Path
+    port: int
+    environment: dict[str, str]  # the postgres service's, from the rendered compose.yaml
+    backend: dict[str, str]  # the backend's
+
+    def secret(self, name: str) -> Path:
+        return self.root / "secrets" / name
+
+    def psql(self, sql: str, user: str, password: str | None, *, socket: bool = False, db: str | None = None):
+        """One statement as `user`; returns the finished psql (never prompts for a password)."""
+        host = str(self.root / "run") if socket else "127.0.0.1"
+        env = {"PATH": "/usr/bin:/bin", **({"PGPASSWORD": password} if password is not None else {})}
+        database = db or self.environment["POSTGRES_DB"]
+        command = [
+            "psql",
+            "-X",
+            "-q",
+            "-w",
+            "-h",
+            host,
+            "-p",
+            str(self.port),
+            "-U",
+            user,
+            "-d",
+            database,
+            "-v",
+            "ON_ERROR_STOP=1",
+        ]
+        return subprocess.run([*command, "-tAc", sql], capture_output=True, text=True, env=env)
+
+    def as_superuser(self, sql: str):
+        result = self.psql(sql, self.environment["POSTGRES_USER"], self.secret("postgres_password").read_text())
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def as_app(self, sql: str):
+        return self.psql(sql, self.backend["POSTGRES_USER"], self.secret("postgres_app_password").read_text())
+
+    def set_up_app_role(self) -> subprocess.CompletedProcess[str]:
+        """What start-postgres.sh runs once the server is up: app-role.sql as the superuser."""
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "PGPASSWORD": self.secret("postgres_password").read_text(),
+            "POSTGRES_APP_USER": self.environment["POSTGRES_APP_USER"],
+            "POSTGRES_APP_PASSWORD_FILE": str(self.secret("postgres_app_password")),
+            "POSTGRES_DB": self.environment["POSTGRES_DB"],
+        }
+        command = ["psql", "-X", "-q", "-w", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.environment["POSTGRES_USER"]]
+        sql = self.project / "postgres" / "app-role.sql"
+        return subprocess.run([*command, "-d", "postgres", "-f", sql], capture_output=True, text=True, env=env)
+
+
+def start_cluster(project: Path, root: Path, processes: Processes) -> Postgres:
+    model = compose_model(project, "compose.yaml")["services"]
+    environment, backend = model["postgres"]["environment"], model["backend"]["environment"]
+    shutil.copytree(project / "secrets", root / "secrets")
+    data, run = root / "data", root / "run"
+    for path in (data, run):
+        path.mkdir(mode=0o700)
+    if AS_ROOT:
+        for path in (data, run, root / "secrets", *(root / "secrets").iterdir()):
+            os.chown(path, NOBODY, NOBODY)
+    # The image's entrypoint on first start: initdb with the password file and POSTGRES_INITDB_ARGS.
+    initdb = [POSTGRES_BIN / "initdb", "-D", data, "--username", environment["POSTGRES_USER"],
+              "--pwfile", root / "secrets" / "postgres_password", *environment["POSTGRES_INITDB_ARGS"].split()]  # fmt: skip
+    locale = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+    init = subprocess.run(as_unprivileged(initdb), capture_output=True, text=True, env=locale)
+    assert init.returncode == 0, init.stderr
+    port = free_port()
+    hba = project / "postgres" / "pg_hba.conf"
+    shutil.copy(hba, root / "pg_hba.conf")
+    server = [POSTGRES_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", port, "-k", run,
+              "-c", f"hba_file={root / 'pg_hba.conf'}"]  # fmt: skip
+    process = processes.start(as_unprivileged(server), root / "postgres.log")
+    postgres = Postgres(project, root, port, environment, backend)
+
+    def accepts_the_superuser() -> bool:
+        assert process.poll() is None, (root / "postgres.log").read_text()
+        password = postgres.secret("postgres_password").read_text()
+        return postgres.psql("select 1", environment["POSTGRES_USER"], password, db="postgres").returncode == 0
+
+    assert wait_until(accepts_the_superuser, timeout=30), (root / "postgres.log").read_text()
+    # The official image creates POSTGRES_DB on first start.
+    postgres.psql(f'create database "{environment["POSTGRES_DB"]}"', environment["POSTGRES_USER"],
+                  postgres.secret("postgres_password").read_text(), db="postgres")  # fmt: skip
+    return postgres
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[Postgres]:
+    project = render(tmp_path / "p", services=["postgres"])
+    processes = Processes()
+    with server_root("pg-role") as root:
+        try:
+            yield start_cluster(project, root, processes)
+        finally:
+            processes.stop_all()
+
+
+def test_app_role_owns_its_database_and_cannot_escape_it(postgres: Postgres) -> None:
+    app_user = postgres.backend["POSTGRES_USER"]
+    assert app_user == postgres.environment["POSTGRES_APP_USER"] != postgres.environment["POSTGRES_USER"]
+    assert postgres.backend["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_app_password"
+    backend_secrets = compose_model(postgres.project, "compose.yaml")["services"]["backend"]["secrets"]
+    assert "postgres_password" not in [secret["source"] for secret in backend_secrets]
+    result = postgres.set_up_app_role()
+    assert result.returncode == 0, result.stderr
+
+    flags = postgres.as_superuser(
+        f"select rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls from pg_roles where rolname = '{app_user}'"
+    )
+    assert flags == "f|f|f|f|f"
+    db = postgres.environment["POSTGRES_DB"]
+    assert postgres.as_superuser(f"select pg_get_userbyid(datdba) from pg_database where datname = '{db}'") == app_user
+
+    # The application's everyday work.
+    work = postgres.as_app(
+        "create table notes (id serial primary key, body text); insert into notes (body) values ('hi'); select body from notes"
+    )
+    assert work.returncode == 0 and work.stdout.strip() == "hi", work.stderr
+    # What an SQL injection as a superuser would reach: a shell, server files, the server's settings.
+    escapes = {
+        "COPY FROM PROGRAM": "copy notes (body) from program 'id'",
+        "COPY TO PROGRAM": "copy notes to program 'cat > /tmp/x'",
+        "read a server file": "select pg_read_file('/etc/passwd')",
+        "read a server file by COPY": "copy notes (body) from '/etc/passwd'",
+        "ALTER SYSTEM": "alter system set log_statement = 'none'",
+        "create a role": "create role intruder login",
+        "read other secrets": "select pg_ls_dir('.')",
+    }
+    for what, sql in escapes.items():
+        refused = postgres.as_app(sql)
+        reason = refused.stderr.lower()
+        denied = "permission denied" in reason or "must be superuser" in reason
+        assert refused.returncode != 0 and denied, (what, refused.stderr)
+
+
+def test_every_login_needs_its_password(postgres: Postgres) -> None:
+    assert postgres.set_up_app_role().returncode == 0
+    superuser, app_user = postgres.environment["POSTGRES_USER"], postgres.backend["POSTGRES_USER"]
+    for user in (superuser, app_user):
+        for socket in (True, False):  # no "trust" left on the local socket nor on TCP
+            refused = postgres.psql("select 1", user, None, socket=socket)
+            assert refused.returncode != 0 and "password" in refused.stderr, (user, socket, refused.stderr)
+        assert postgres.psql("select 1", user, "wrong-password").returncode != 0
+    assert postgres.as_app("select current_user").stdout.strip() == app_user
+    method = postgres.as_superuser("select distinct auth_method from pg_hba_file_rules")
+    assert method == "scram-sha-256"
+
+
+def test_existing_superuser_data_moves_to_the_app_role_idempotently_and_passwords_rotate(postgres: Postgres) -> None:
+    # A project from before the app role existed: the app ran as the superuser and owns its tables.
+    postgres.as_superuser(
+        "create table orders (id serial primary key, item text);"
+        " create table audit (id bigint generated always as identity, note text);"
+        " insert into orders (item) values ('book'), ('pen'); insert into audit (note) values ('x');"
+        " create view order_items as select item from orders"
+    )
+    for _ in range(2):  # every start runs it again
+        result = postgres.set_up_app_role()
+        assert result.returncode == 0, result.stderr
+    changed = postgres.as_app(
+        "insert into orders (item) values ('ink'); insert into audit (note) values ('y');"
+        " alter table orders add column qty int; select count(*) from order_items"
+    )
+    assert changed.returncode == 0 and changed.stdout.strip().endswith("3"), changed.stderr
+
+    # Rotation: a new secret, the set-up runs at the next start; the old password stops working.
+    old = postgres.secret("postgres_app_password").read_text()
+    postgres.secret("postgres_app_password").write_text("rotated-" + old[:20])
+    assert postgres.set_up_app_role().returncode == 0
+    assert postgres.as_app("select count(*) from orders").stdout.strip() == "3"
+    assert postgres.psql("select 1", postgres.backend["POSTGRES_USER"], old).returncode != 0
