@@ -82,3 +82,38 @@ def test_secrets_script_warns_when_the_group_cannot_be_set(tmp_path: Path) -> No
     finally:
         if project.parent != tmp_path:
             shutil.rmtree(project.parent)
+
+
+def test_secrets_script_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    """A link in secrets/ pointing elsewhere: its target keeps its owner, group, mode and content."""
+    project = render(tmp_path / "p")
+    target = tmp_path / "elsewhere"
+    target.write_text("not a secret")
+    target.chmod(0o644)
+    before = target.stat()
+    (project / "secrets" / "app_secret_key").unlink()
+    (project / "secrets" / "app_secret_key").symlink_to(target)
+    (project / "secrets" / "postgres_password").chmod(0o644)  # a real secret with a wrong mode is still fixed
+    result = subprocess.run(["python3", "scripts/ensure_secrets.py"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0 and "app_secret_key is not a regular file" in result.stderr, result.stderr
+    after = target.stat()
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+    assert target.read_text() == "not a secret"
+    assert stat.S_IMODE((project / "secrets" / "postgres_password").stat().st_mode) in (0o440, 0o600)
+
+
+def test_secrets_script_leaves_correct_secrets_alone_for_an_operator_who_cannot_change_them(tmp_path: Path) -> None:
+    """Secrets set up by root (group 10001, 0440): a non-root operator's `make secrets` (run by
+    `make up`) has nothing to change and must neither crash nor complain."""
+    if os.geteuid() != 0:
+        return
+    shared = Path(tempfile.mkdtemp(prefix="hc-secrets-"))
+    try:
+        shared.chmod(0o755)
+        project = render(shared / "p")
+        run("chown", "65534:65534", project, project / "scripts", project / "secrets")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "scripts/ensure_secrets.py"]
+        result = subprocess.run(command, cwd=project, capture_output=True, text=True)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+    finally:
+        shutil.rmtree(shared)
