@@ -11,9 +11,6 @@ import pytest
 from copier import run_copy
 from plumbum import local
 
-# Servers started by the tests are ended even when a run is interrupted (see tests/servers.py).
-pytest_plugins = ["servers"]
-
 TEMPLATE = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 

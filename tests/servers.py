@@ -244,24 +244,11 @@ def end_all_servers() -> None:
 
 def _on_termination(signum: int, frame: object) -> None:
     global _terminating
-    if _terminating:  # e.g. SIGTERM to the whole group, then again from the xdist controller
+    if _terminating:  # a second signal (e.g. to the whole process group) while ending them
         return
     _terminating = True
     end_all_servers()
-    # The xdist controller's children are its workers: each ends its own servers the same way.
-    for child in _children(os.getpid()):
-        with suppress(ProcessLookupError):
-            os.kill(child, signum)
     raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")  # pytest then runs the finalizers
-
-
-def _children(parent: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with suppress(OSError):
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == parent:
-                children.append(int(stat.parent.name))
-    return children
 
 
 def end_servers_when_interrupted() -> None:
@@ -275,12 +262,6 @@ def end_servers_when_interrupted() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) == signal.SIG_DFL:
             signal.signal(sig, _on_termination)
-
-
-def pytest_configure(config: object) -> None:
-    """As a pytest plugin (conftest.py's pytest_plugins): install the handlers in every pytest
-    process, the xdist controller included, which starts no server but must pass SIGTERM on."""
-    end_servers_when_interrupted()
 
 
 class Processes:

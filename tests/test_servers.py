@@ -122,7 +122,6 @@ def test_postgres_is_ready_only_once_it_accepts_queries_not_while_starting_up() 
 
 # A test session like the suite's: its fixture starts a server (a shell and its redis-server, one
 # process group) through tests/servers.py, and its test waits until it is interrupted.
-INNER_CONFTEST = 'pytest_plugins = ["servers"]  # as tests/conftest.py\n'
 INNER_TEST = textwrap.dedent(
     """
     import os
@@ -173,7 +172,6 @@ def processes_in_group(pgid: int) -> set[int]:
     ],
 )
 def test_interrupted_run_leaves_no_server_process(tmp_path: Path, xdist: bool, sig: int, target: str) -> None:
-    (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
     (tmp_path / "test_inner.py").write_text(INNER_TEST)
     pids = tmp_path / "pids"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark", "test_inner.py"]
