@@ -62,9 +62,7 @@ class Engine:
             ],
             self.root / "dockerd.log",
             after=self._remove_root,
-            # dockerd alone gets SIGTERM: it stops the containers and containerd itself.
-            whole_group=False,
-            grace=60,
+            grace=60,  # dockerd stops the containers, then containerd (in a session of its own)
         )
         try:
             # `docker version` asks the daemon itself (/_ping, /version), not just its socket.

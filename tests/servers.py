@@ -170,7 +170,6 @@ def dns_answers(port: int, name: str) -> bool:
 class _Running:
     process: subprocess.Popen
     after: Callable[[], None] | None  # clean-up once the group has ended (e.g. unmount)
-    whole_group: bool  # SIGTERM to the group, or to the first process (which stops the others)
     grace: float  # seconds between SIGTERM and SIGKILL
 
 
@@ -183,14 +182,12 @@ def start_server(
     command: Sequence[str | Path],
     log: Path,
     after: Callable[[], None] | None = None,
-    whole_group: bool = True,
     grace: float = 10.0,
     **popen: Any,
 ) -> subprocess.Popen:
     """Start command in a new process group (output to log) and record it until end_server.
 
     after: clean-up to run once the group has ended (e.g. unmount what the server mounted);
-    whole_group=False: end_server signals only the first process, which stops the others itself;
     grace: how long end_server waits after the signal before it kills the group."""
     end_servers_when_interrupted()
     with log.open("ab") as handle:
@@ -198,7 +195,7 @@ def start_server(
             [str(c) for c in command], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, **popen
         )
     process.log = log
-    _RUNNING[process.pid] = _Running(process, after, whole_group, grace)
+    _RUNNING[process.pid] = _Running(process, after, grace)
     return process
 
 
@@ -223,10 +220,7 @@ def end_server(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     if running is None:
         return
     with suppress(ProcessLookupError):
-        if running.whole_group:
-            os.killpg(process.pid, sig)
-        else:
-            process.send_signal(sig)
+        os.killpg(process.pid, sig)
     if not wait_until(lambda: not group_members(process.pid), running.grace, interval=0.05):
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
