@@ -24,6 +24,7 @@ from servers import (
     as_unprivileged,
     end_server,
     free_port,
+    group_members,
     http_status,
     postgres_answers,
     server_root,
@@ -152,16 +153,6 @@ INNER_TEST = textwrap.dedent(
 )
 
 
-def processes_in_group(pgid: int) -> set[int]:
-    """Live processes of a process group, as ps lists them."""
-    listing = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat="], capture_output=True, text=True, check=True).stdout
-    return {
-        int(pid)
-        for pid, group, stat in (line.split()[:3] for line in listing.splitlines())
-        if int(group) == pgid and stat[0] != "Z"
-    }
-
-
 @pytest.mark.parametrize(
     ("xdist", "sig", "target"),
     [
@@ -181,11 +172,11 @@ def test_interrupted_run_leaves_no_server_process(tmp_path: Path, xdist: bool, s
     with log.open("wb") as output:
         # A session of its own, like a job started from a shell: Ctrl-C goes to its process group.
         inner = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    server_group: set[int] = set()
+    server_group: list[int] = []
     try:
         assert wait_until(lambda: pids.exists() and pids.read_text().endswith("\n"), timeout=60), log.read_text()
         server, test_process = map(int, pids.read_text().split())
-        server_group = processes_in_group(server)
+        server_group = group_members(server)
         assert len(server_group) == 2, "the shell and its redis-server"
 
         if target == "session":
@@ -193,8 +184,8 @@ def test_interrupted_run_leaves_no_server_process(tmp_path: Path, xdist: bool, s
         else:
             os.kill(inner.pid if target == "pytest" else test_process, sig)
         # The interrupted process ends its servers first (how xdist winds down after is its business).
-        gone = wait_until(lambda: not processes_in_group(server), timeout=30, interval=0.05)
-        assert gone, f"still running: {processes_in_group(server)}\n{log.read_text()}"
+        gone = wait_until(lambda: not group_members(server), timeout=30, interval=0.05)
+        assert gone, f"still running: {group_members(server)}\n{log.read_text()}"
     finally:  # whatever is left: the inner session, and the servers if the test failed
         for pid in server_group:
             with suppress(ProcessLookupError):
