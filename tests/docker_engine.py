@@ -1,7 +1,8 @@
 """A throw-away Docker engine for the boot tests and the build benchmark (root only).
 
-`Engine` starts Debian's dockerd with its data root and socket in a temporary directory and
-stops it by PID. `build_standins` builds the local stand-ins for the upstream base images (see
+`Engine` starts Debian's dockerd with its data root and socket in a temporary directory, through
+tests/servers.py (which also ends it when a run is interrupted), and removes them after it.
+`build_standins` builds the local stand-ins for the upstream base images (see
 tests/standins/README.md). Images are built with Debian's 20.10 docker CLI, whose BuildKit needs
 no buildx plugin (the newer CLI on PATH refuses BuildKit without one).
 """
@@ -11,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from servers import ServerNotReady, end_server, start_server, wait_ready
 
 STANDINS = Path(__file__).resolve().parent / "standins"
 BUILD_CLI = "/usr/bin/docker"
@@ -47,8 +48,7 @@ class Engine:
             "DOCKER_CONFIG": str(self.root / "config"),
             "DOCKER_BUILDKIT": "1",
         }
-        log = (self.root / "dockerd.log").open("wb")
-        self.process = subprocess.Popen(
+        self.process = start_server(
             [
                 "dockerd",
                 "--data-root",
@@ -60,15 +60,16 @@ class Engine:
                 "--pidfile",
                 self.pidfile,
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            self.root / "dockerd.log",
+            after=self._remove_root,
+            grace=60,  # dockerd stops the containers, then containerd (in a session of its own)
         )
-        deadline = time.monotonic() + 60
-        while self.docker("version", check=False).returncode != 0:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dockerd did not start:\n" + (self.root / "dockerd.log").read_text()[-3000:])
-            time.sleep(0.5)
+        try:
+            # `docker version` asks the daemon itself (/_ping, /version), not just its socket.
+            wait_ready(self.process, lambda: self.docker("version", check=False).returncode == 0, timeout=60)
+        except ServerNotReady:
+            self.stop()
+            raise
 
     def docker(self, *args: str | Path, check: bool = True, cli: str = "docker") -> subprocess.CompletedProcess[str]:
         result = subprocess.run([cli, *map(str, args)], env=self.env, capture_output=True, text=True)
@@ -99,12 +100,9 @@ class Engine:
         return json.loads(self.docker(kind, "inspect", *names).stdout)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        end_server(self.process)
+
+    def _remove_root(self) -> None:
         subprocess.run(["umount", "-R", self.root / "data"], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 

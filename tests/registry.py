@@ -6,6 +6,10 @@
   manifest) and pushes it over the registry HTTP API; no container engine needed.
 - `FaultProxy`: forwards to the registry, adding latency or faults (429s, a missing
   Docker-Content-Digest header, hanging, redirecting elsewhere) and counting requests.
+
+TokenServer and FaultProxy run in this process: their socket listens before the constructor
+returns, so they answer from then on (no start-up to wait for, nothing left behind at exit).
+The registry is a server process: started, waited for and ended through tests/servers.py.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ import http.client
 import http.server
 import io
 import json
-import socket
-import subprocess
 import tarfile
 import threading
 import time
@@ -31,18 +33,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+from servers import end_server, free_port, http_status, start_server, wait_ready
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 PLATFORMS = (("linux", "amd64"), ("linux", "arm64"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sha256(data: bytes) -> str:
@@ -162,19 +159,9 @@ class Registry:
             }
         path = directory / "registry.json"
         path.write_text(json.dumps(config))  # JSON is YAML
-        self.process = subprocess.Popen(
-            ["docker-registry", "serve", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"docker-registry exited: {self.process.stderr.read().decode()}") from None
-                time.sleep(0.05)
-        raise RuntimeError("docker-registry did not start")
+        self.process = start_server(["docker-registry", "serve", path], directory / "registry.log")
+        # The API root answers 200, or 401 with a token challenge when tokens are required.
+        wait_ready(self.process, lambda: http_status(self.port, "/v2/") == (401 if tokens else 200))
 
     @property
     def url(self) -> str:
@@ -186,8 +173,7 @@ class Registry:
         return {"Authorization": f"Bearer {self.tokens.token([f'repository:{repository}:pull,push'])}"}
 
     def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+        end_server(self.process)
 
 
 def _layer(seed: str) -> bytes:

@@ -2,22 +2,36 @@
 
 When the tests run as root (CI), servers run as nobody (65534) through setpriv, in a directory
 tree nobody can read; only the paths a container would have on tmpfs are writable to it.
+
+Every server is started by start_server (in its own process group, recorded until it has ended),
+waited for by wait_ready with a protocol-level probe, and ended, with everything it started, by
+end_server: from the fixture's finalizer, or from the handlers that run when the test run is
+interrupted (Ctrl-C, SIGTERM to pytest or to an xdist worker).
 """
 
 from __future__ import annotations
 
+import atexit
+import http.client
 import os
+import shlex
 import shutil
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 NOBODY = 65534
+T = TypeVar("T")
 AS_ROOT = os.geteuid() == 0
 
 
@@ -58,21 +72,14 @@ def server_root(prefix: str) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"{process.args} exited with {process.returncode}") from None
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+class ServerNotReady(RuntimeError):
+    """A server did not answer in time, or exited: the message carries its log's last lines."""
 
 
-def wait_until(condition, timeout: float = 20.0, interval: float = 0.2):
-    """Poll condition() until it returns a truthy value; return that value."""
+def wait_until(condition: Callable[[], T], timeout: float = 20.0, interval: float = 0.2) -> T:
+    """Poll condition() until it returns a truthy value; return that value (or the last one at timeout).
+
+    The one polling loop of the tests: readiness (wait_ready) and ending servers use it too."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -81,33 +88,193 @@ def wait_until(condition, timeout: float = 20.0, interval: float = 0.2):
         time.sleep(interval)
 
 
+def wait_ready(process: subprocess.Popen, answers: Callable[[], object], timeout: float = 30.0) -> None:
+    """Return once the server started as `process` really answers, as shown by answers(): a probe
+    at the protocol level (a query, a PING, an HTTP request), never only an open port, which
+    servers open before they can serve (PostgreSQL then answers "the database system is
+    starting up"). Exceptions from answers() mean "not yet". Fails at once if the process exits."""
+    last_error: Exception | None = None
+
+    def ready() -> bool:
+        nonlocal last_error
+        try:
+            answered = bool(answers())
+        except Exception as error:  # refused, reset, timed out, starting up: not yet
+            answered, last_error = False, error
+        if process.poll() is not None:
+            raise ServerNotReady(_describe(process, f"exited with code {process.returncode} before it answered"))
+        return answered
+
+    if not wait_until(ready, timeout, interval=0.05):
+        problem = f"still running but not answering after {timeout:g} s (last probe: {last_error!r})"
+        raise ServerNotReady(_describe(process, problem))
+
+
+def _describe(process: subprocess.Popen, problem: str) -> str:
+    log: Path | None = getattr(process, "log", None)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log and log.exists() else "(no log)"
+    return f"{shlex.join(map(str, process.args))} {problem}\n==> last lines of {log}:\n{tail}"
+
+
+# Protocol-level probes for wait_ready: each one returns whether the server answered properly, or raises.
+
+
+def http_status(port: int, path: str, cafile: Path | None = None) -> int:
+    """The status of `GET path` on 127.0.0.1:port; over HTTPS trusting only cafile, when given."""
+    if cafile:
+        context = ssl.create_default_context(cafile=cafile)
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=context)
+    else:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def redis_answers(port: int) -> bool:
+    """PING is answered PONG, or NOAUTH when a password is required (not LOADING or silence)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
+        connection.sendall(b"PING\r\n")
+        return connection.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+
+
+def postgres_answers(host: str | Path, port: int, user: str, database: str = "postgres") -> bool:
+    """`select 1` succeeds as `user` (host: a socket directory or an address with trust auth)."""
+    command = ["psql", "-h", str(host), "-p", str(port), "-U", user, "-d", database, "-w", "-tAc", "select 1"]
+    env = {"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=10)
+    if result.returncode != 0:
+        raise ConnectionError(result.stderr.strip())  # e.g. "the database system is starting up"
+    return result.stdout.strip() == "1"
+
+
+def dns_answers(port: int, name: str) -> bool:
+    """An A query for name over UDP gets an answer without error (e.g. from pebble-challtestsrv)."""
+    labels = b"".join(bytes([len(label)]) + label.encode() for label in name.split("."))
+    query = struct.pack(">6H", 0x6863, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(">2H", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(0.5)
+        udp.connect(("127.0.0.1", port))
+        udp.send(query)
+        reply = udp.recv(512)
+    ident, flags, _, answer_count = struct.unpack(">4H", reply[:8])
+    return ident == 0x6863 and flags & 0x000F == 0 and answer_count > 0
+
+
+# Every server runs in its own process group, recorded here until the whole group has ended: by
+# the fixture that started it, or, when a run is interrupted, by the SIGTERM/SIGHUP handler or at
+# exit (SIGINT raises KeyboardInterrupt, after which pytest runs the fixtures' finalizers).
+@dataclass
+class _Running:
+    process: subprocess.Popen
+    after: Callable[[], None] | None  # clean-up once the group has ended (e.g. unmount)
+    grace: float  # seconds between SIGTERM and SIGKILL
+
+
+_RUNNING: dict[int, _Running] = {}
+_handlers_installed = False
+_terminating = False
+
+
+def start_server(
+    command: Sequence[str | Path],
+    log: Path,
+    after: Callable[[], None] | None = None,
+    grace: float = 10.0,
+    **popen: Any,
+) -> subprocess.Popen:
+    """Start command in a new process group (output to log) and record it until end_server.
+
+    after: clean-up to run once the group has ended (e.g. unmount what the server mounted);
+    grace: how long end_server waits after the signal before it kills the group."""
+    end_servers_when_interrupted()
+    with log.open("ab") as handle:
+        process = subprocess.Popen(
+            [str(c) for c in command], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, **popen
+        )
+    process.log = log
+    _RUNNING[process.pid] = _Running(process, after, grace)
+    return process
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (non-zombie) processes in process group pgid."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, group = stat.read_text().rpartition(")")[2].split()[:3]
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(group) == pgid and state not in "ZX":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def end_server(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Send sig to the server's process group, SIGKILL whatever is left after its grace time,
+    reap it, run its clean-up. Safe to call again, and from the interrupt handler while a call
+    is under way."""
+    running = _RUNNING.get(process.pid)
+    if running is None:
+        return
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    if not wait_until(lambda: not group_members(process.pid), running.grace, interval=0.05):
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        wait_until(lambda: not group_members(process.pid), 10, interval=0.05)
+    with suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+    if _RUNNING.pop(process.pid, None) and running.after:
+        running.after()
+
+
+def end_all_servers() -> None:
+    for running in reversed(list(_RUNNING.values())):
+        end_server(running.process)
+
+
+def _on_termination(signum: int, frame: object) -> None:
+    global _terminating
+    if _terminating:  # a second signal (e.g. to the whole process group) while ending them
+        return
+    _terminating = True
+    end_all_servers()
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")  # pytest then runs the finalizers
+
+
+def end_servers_when_interrupted() -> None:
+    """Install the clean-up for interrupted runs (once): at exit, and on SIGTERM/SIGHUP, which
+    would otherwise end Python without running any finalizer and leave the servers running."""
+    global _handlers_installed
+    if _handlers_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _handlers_installed = True
+    atexit.register(end_all_servers)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _on_termination)
+
+
 class Processes:
-    """Every process a test starts; all of them (and their children) are stopped at the end."""
+    """The servers one test or fixture starts; stop_all() ends them (and their children)."""
 
     def __init__(self) -> None:
         self.started: list[subprocess.Popen] = []
 
-    def start(self, command: Sequence[str | Path], log: Path, **kwargs: object) -> subprocess.Popen:
-        handle = log.open("ab")
+    def start(self, command: Sequence[str | Path], log: Path, **kwargs: Any) -> subprocess.Popen:
+        log.touch()
         if AS_ROOT:
             # Like runc, which gives a container's stdio to its user: nginx reopens /dev/stderr.
             os.chown(log, NOBODY, NOBODY)
-        process = subprocess.Popen(
-            [str(c) for c in command], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
-        )
-        process.log = log
+        process = start_server(command, log, **kwargs)
         self.started.append(process)
         return process
 
     def stop(self, process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        end_server(process, sig)
 
     def stop_all(self) -> None:
         for process in reversed(self.started):

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from servers import Processes, as_unprivileged, free_port, server_root, wait_for_port, wait_until, writable_by_server
+from servers import (
+    Processes,
+    as_unprivileged,
+    dns_answers,
+    free_port,
+    http_status,
+    server_root,
+    wait_ready,
+    wait_until,
+    writable_by_server,
+)
 from test_e2e_nginx import SECURITY_HEADERS, fetch, start_backend
 
 from conftest import render, run, self_signed_certificate
@@ -75,8 +85,8 @@ def start_pebble(processes: Processes, root: Path, http_port: int) -> Acme:
     pebble = processes.start(
         ["pebble", "-config", root / "pebble.json", "-dnsserver", f"127.0.0.1:{dns_port}"], root / "pebble.log", env=env
     )
-    wait_for_port(dns_port, dns)
-    wait_for_port(acme_port, pebble)
+    wait_ready(dns, lambda: dns_answers(dns_port, DOMAIN))
+    wait_ready(pebble, lambda: http_status(acme_port, "/dir", cafile=root / "pebble.pem") == 200)
     return Acme(f"https://127.0.0.1:{acme_port}/dir", root / "pebble.pem")
 
 
@@ -166,7 +176,7 @@ def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
                 root / "logs" / "proxy.log",
                 env=env,
             )
-            wait_for_port(http_port, nginx)
+            wait_ready(nginx, lambda: http_status(http_port, "/health") == 200)
             yield Proxy(root, project, http_port, https_port, backend), processes
         finally:
             processes.stop_all()
@@ -283,7 +293,7 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
                 writable_by_server(root / path)
             entry = shutil.copy(project / "proxy" / "docker" / "entrypoint.sh", root / "proxy-entrypoint.sh")
             base = {"PATH": SYSTEM_PATH}
-            processes.start(
+            front_process = processes.start(
                 as_unprivileged(["nginx", "-e", "stderr", "-c", front, "-g", "daemon off;"]),
                 root / "logs" / "front.log",
                 env=base,
@@ -300,8 +310,8 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
                 root / "logs" / "edge.log",
                 env=env,
             )
-            wait_for_port(frontend_port)
-            wait_for_port(proxy_port, proxy_process)
+            wait_ready(front_process, lambda: http_status(frontend_port, "/health") == 200)
+            wait_ready(proxy_process, lambda: http_status(proxy_port, "/health") == 200)
 
             page = fetch(proxy_port, "/")
             assert page.status == 200 and page.headers["cache-control"] == "no-cache"

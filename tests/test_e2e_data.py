@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from servers import AS_ROOT, NOBODY, Processes, as_unprivileged, free_port, server_root, wait_for_port, wait_until
+from servers import (
+    AS_ROOT,
+    NOBODY,
+    Processes,
+    as_unprivileged,
+    free_port,
+    postgres_answers,
+    redis_answers,
+    server_root,
+    wait_ready,
+    wait_until,
+)
 
 from conftest import compose_model, render
 
@@ -94,7 +105,7 @@ def healthcheck_command(project: Path, service: str) -> list[str]:
 def test_redis_requires_the_secret_password_keeps_it_out_of_argv_and_persists(redis_server: RedisServer) -> None:
     r = redis_server
     process = r.start()
-    wait_for_port(r.port, process)
+    wait_ready(process, lambda: redis_answers(r.port))
     assert redis_cli(r.port, "ping").startswith("NOAUTH"), "unauthenticated commands must be refused"
     assert redis_cli(r.port, "ping", password=r.password) == "PONG"
 
@@ -117,7 +128,7 @@ def test_redis_requires_the_secret_password_keeps_it_out_of_argv_and_persists(re
     assert redis_cli(r.port, "set", "greeting", "hello", password=r.password) == "OK"
     r.processes.stop(process, signal.SIGTERM)
     process = r.start()
-    wait_for_port(r.port, process)
+    wait_ready(process, lambda: redis_answers(r.port))
     assert wait_until(lambda: redis_cli(r.port, "get", "greeting", password=r.password) == "hello", timeout=10)
 
 
@@ -171,7 +182,7 @@ def postgres(tmp_path: Path) -> Iterator[tuple[Path, dict, int, Path]]:
                 as_service([POSTGRES_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", port, "-k", root / "run"]),
                 root / "postgres.log",
             )
-            wait_for_port(port, process)
+            wait_ready(process, lambda: postgres_answers(root / "run", port, environment["POSTGRES_USER"]))
             createdb = subprocess.run(
                 as_service(
                     [
@@ -246,7 +257,7 @@ def test_postgres_password_auth_works_with_the_secret_only(postgres: tuple[Path,
 def test_celery_worker_and_beat_healthchecks_follow_redis(redis_server: RedisServer) -> None:
     r = redis_server
     process = r.start()
-    wait_for_port(r.port, process)
+    wait_ready(process, lambda: redis_answers(r.port))
     backend = r.project / "backend"
     env = {
         **os.environ,

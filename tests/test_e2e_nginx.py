@@ -10,7 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from servers import AS_ROOT, NOBODY, Processes, as_unprivileged, free_port, server_root, wait_for_port, writable_by_server
+from servers import (
+    AS_ROOT,
+    NOBODY,
+    Processes,
+    as_unprivileged,
+    free_port,
+    http_status,
+    server_root,
+    wait_ready,
+    writable_by_server,
+)
 from websockets.sync.client import connect
 
 from conftest import render, run
@@ -52,7 +62,7 @@ def start_backend(processes: Processes, logs: Path) -> int:
         logs / "backend.log",
         cwd=here,
     )
-    wait_for_port(port, process)
+    wait_ready(process, lambda: http_status(port, "/api/echo") == 200)
     return port
 
 
@@ -60,7 +70,7 @@ def start_nginx(processes: Processes, root: Path, conf: Path, entrypoint: Path, 
     """The image's ENTRYPOINT (runtime config), then nginx in the foreground, as a non-root user."""
     command = as_unprivileged(["sh", entrypoint, "nginx", "-e", "stderr", "-c", conf, "-g", "daemon off;"])
     process = processes.start(command, root / "logs" / "nginx.log", env={"PATH": "/usr/sbin:/usr/bin:/bin", **env})
-    wait_for_port(port, process)
+    wait_ready(process, lambda: http_status(port, "/health") == 200)
 
 
 @dataclass
