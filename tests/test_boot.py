@@ -86,7 +86,8 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
     model = json.loads(engine.compose(project, "compose.test.yaml", "config", "--format", "json").stdout)
     for service in model["services"].values():
         if "build" in service:
-            engine.build(service["image"], Path(service["build"]["context"]))
+            context = Path(service["build"]["context"])
+            engine.build(service["image"], context, context / service["build"]["dockerfile"])
     port = free_port()
     try:
         engine.compose(
