@@ -3,10 +3,12 @@
 The one place where a rendered file is changed before a test uses it: container paths are moved
 under a temporary root, upstream service names become loopback addresses, and (optionally)
 listen ports become free local ports. Nothing else in the files is touched, so what nginx parses
-is otherwise byte for byte what users get.
+is otherwise byte for byte what users get. Which files go where under /etc/nginx is read from the
+image's Dockerfile (its COPY lines), so a test sees the image's layout, not a copy of it.
 """
 
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -16,6 +18,7 @@ _PATH = re.compile(r"(?<![\w/.-])(" + "|".join(map(re.escape, CONTAINER_PATHS)) 
 _UPSTREAM_SERVER = re.compile(r"^(\s*server\s+)([a-z][a-z0-9_-]*):(\d+)(\s*;)", re.M)
 _LISTEN = re.compile(r"^(\s*listen\s+)(\d+)\b", re.M)
 SYSTEM_MIME_TYPES = Path("/etc/nginx/mime.types")
+NGINX_DIR = "/etc/nginx"
 
 
 def substitute(text: str, root: Path, upstreams: dict[str, str], ports: dict[int, int]) -> str:
@@ -24,10 +27,44 @@ def substitute(text: str, root: Path, upstreams: dict[str, str], ports: dict[int
     return _LISTEN.sub(lambda m: f"{m.group(1)}127.0.0.1:{ports.get(int(m.group(2)), int(m.group(2)))}", text)
 
 
-def stage(rendered: Path, root: Path, upstreams: dict[str, str] | None = None, ports: dict[int, int] | None = None) -> Path:
-    """Copy a rendered nginx/ directory to <root>/etc/nginx with substitutions; return nginx.conf's path."""
-    etc = root / "etc" / "nginx"
-    shutil.copytree(rendered, etc)
+def nginx_copies(dockerfile: Path) -> list[tuple[list[str], str]]:
+    """The Dockerfile's COPY instructions from the build context into /etc/nginx: (sources, destination)."""
+    copies = []
+    for line in dockerfile.read_text().splitlines():
+        if not line.startswith("COPY "):
+            continue
+        words = shlex.split(line)
+        if any(w.startswith("--from=") for w in words):
+            continue
+        *sources, destination = [w for w in words[1:] if not w.startswith("--")]
+        if destination.startswith(NGINX_DIR):
+            copies.append((sources, destination))
+    return copies
+
+
+def install(context: Path, sources: list[str], destination: Path, into_directory: bool) -> None:
+    """Docker's COPY semantics: a directory's contents merge into the destination directory; a file
+    lands in it (destination ending in /) or at it."""
+    for source in (context / s for s in sources):
+        if source.is_dir():
+            shutil.copytree(source, destination, dirs_exist_ok=True)
+        else:
+            target = destination / source.name if into_directory else destination
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+
+
+def stage(
+    context: Path, image: str, root: Path, upstreams: dict[str, str] | None = None, ports: dict[int, int] | None = None
+) -> Path:
+    """Lay out <root>/etc/nginx as <context>/<image>/Dockerfile does, with substitutions; return nginx.conf's path.
+
+    context: the image's build context (the project root for the nginx images)."""
+    etc = root / NGINX_DIR.lstrip("/")
+    copies = nginx_copies(context / image / "Dockerfile")
+    assert copies, f"{image}/Dockerfile copies nothing into {NGINX_DIR}"
+    for sources, destination in copies:
+        install(context, sources, root / destination.lstrip("/"), destination.endswith("/"))
     shutil.copy(SYSTEM_MIME_TYPES, etc / "mime.types")
     for path in etc.rglob("*.conf"):
         path.write_text(substitute(path.read_text(), root, upstreams or {}, ports or {}))

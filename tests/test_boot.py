@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from docker_engine import Engine, build_standins
+from docker_engine import BASE_IMAGE, Engine, build_standins
 from servers import free_port
 
 from conftest import render
@@ -86,7 +86,8 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
     model = json.loads(engine.compose(project, "compose.test.yaml", "config", "--format", "json").stdout)
     for service in model["services"].values():
         if "build" in service:
-            engine.build(service["image"], Path(service["build"]["context"]))
+            context = Path(service["build"]["context"])
+            engine.build(service["image"], context, context / service["build"]["dockerfile"])
     port = free_port()
     try:
         engine.compose(
@@ -146,3 +147,29 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
     assert engine.docker("ps", "-aq", "--filter", label).stdout.strip() == ""
     assert engine.docker("volume", "ls", "-q", "--filter", label).stdout.strip() == ""
     assert engine.docker("network", "ls", "-q", "--filter", label).stdout.strip() == ""
+
+
+def test_boot_build_context_of_the_nginx_images_admits_only_what_they_copy(engine: Engine, tmp_path: Path) -> None:
+    """The frontend and proxy build from the project root: its .dockerignore must keep secrets,
+    .env, backups, git and local build state out of what the builder receives."""
+    project = render(tmp_path / "p", proxy_mode="nginx-certbot", frontend="spa", services=["postgres"], **COMMON)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    local_state = ["backups/db.dump", "frontend/.env", "frontend/.env.local", "frontend/node_modules/x.js", "frontend/dist/a.js"]
+    for name in local_state:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("local\n")
+    probe = tmp_path / "probe.Dockerfile"  # outside the context: only the context is listed
+    probe.write_text(f"FROM {BASE_IMAGE}\nCOPY . /context/\n")
+    engine.build("hc-context-probe", project, probe)
+    listing = engine.docker("run", "--rm", "hc-context-probe", "find", "/context", "-type", "f").stdout.split()
+    received = {name.removeprefix("/context/") for name in listing}
+
+    def files(*roots: str) -> set[str]:
+        paths = [p for root in roots for p in ([project / root] if (project / root).is_file() else (project / root).rglob("*"))]
+        return {str(p.relative_to(project)) for p in paths if p.is_file()}
+
+    admitted = files("nginx/nginx.conf", "nginx/snippets", "nginx/frontend", "nginx/proxy", "frontend", "proxy")
+    never = files("secrets", ".git", "nginx/locations.d", "backend", ".env") | set(local_state)
+    never |= {"frontend/Dockerfile", "proxy/Dockerfile", "compose.yaml", ".copier-answers.yml"}
+    assert received == admitted - never
+    assert "nginx/nginx.conf" in received and "frontend/src/main.js" in received and not received & never

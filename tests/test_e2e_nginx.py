@@ -43,13 +43,19 @@ class Response:
     status: int
     headers: dict[str, str]
     body: bytes
+    header_list: list[tuple[str, str]]  # every header line as received, repeats included
+
+    def repeated_headers(self) -> list[str]:
+        names = [name.lower() for name, _ in self.header_list]
+        return sorted({name for name in names if names.count(name) > 1})
 
 
 def fetch(port: int, path: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> Response:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request(method, path, body=body, headers=headers or {})
     response = conn.getresponse()
-    result = Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    pairs = response.getheaders()
+    result = Response(response.status, {k.lower(): v for k, v in pairs}, response.read(), pairs)
     conn.close()
     return result
 
@@ -92,7 +98,7 @@ def spa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spa]:
             for name, upstream in (("live", f"127.0.0.1:{backend}"), ("dead", f"127.0.0.1:{free_port()}")):
                 root = base / name
                 port = free_port()
-                conf = stage(project / "frontend" / "nginx", root, upstreams={"backend": upstream}, ports={8080: port})
+                conf = stage(project, "frontend", root, upstreams={"backend": upstream}, ports={8080: port})
                 shutil.copytree(project / "frontend" / "dist", root / "usr/share/nginx/html", dirs_exist_ok=True)
                 entrypoint = shutil.copy(project / "frontend" / "docker" / "entrypoint.sh", root / "entrypoint.sh")
                 writable_by_server(root / "tmp")  # the container's only writable path (tmpfs)
@@ -143,6 +149,12 @@ def test_nginx_security_headers_on_every_status(
     assert response.headers["server"] == "nginx", "no version in Server"
     assert "x-xss-protection" not in response.headers
     assert "strict-transport-security" not in response.headers, "plain HTTP: no HSTS"
+
+
+def test_nginx_directory_redirect_is_relative(spa: Spa) -> None:
+    """Behind TLS on 443, an absolute redirect would name http:// and the container port 8080."""
+    redirect = fetch(spa.port, "/assets", headers={"Host": "app.example.org", "X-Forwarded-Proto": "https"})
+    assert redirect.status == 301 and redirect.headers["location"] == "/assets/"
 
 
 def test_nginx_runtime_config_is_written_at_start_and_not_cached(spa: Spa) -> None:

@@ -1,5 +1,6 @@
 """Render every topology and check the output with the real tools users rely on."""
 
+import hashlib
 import itertools
 import json
 import re
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, compose_model, render, run, self_signed_certificate
+from conftest import TEMPLATE, TESTS, compose_model, render, run, self_signed_certificate
 from hardening import stack_problems
 from nginx_stage import stage
 
@@ -64,15 +65,13 @@ def nginx_test(conf: Path) -> None:
 
 
 def check_nginx(project: Path, root: Path, domain: str, cert: Path) -> None:
-    frontend = project / "frontend" / "nginx"
-    if frontend.is_dir():
-        nginx_test(stage(frontend, root / "frontend"))
-    proxy = project / "proxy" / "nginx"
-    if proxy.is_dir():
+    if (project / "frontend").is_dir():
+        nginx_test(stage(project, "frontend", root / "frontend"))
+    if (project / "proxy").is_dir():
         # Every mode the proxy entrypoint can select: pending, redirect + HTTPS, plain app.
         for mode, https in (("http-pending", False), ("http-redirect", True), ("http-app", False)):
             mode_root = root / f"proxy-{mode}"
-            conf = stage(proxy, mode_root)
+            conf = stage(project, "proxy", mode_root)
             active = mode_root / "tmp" / "nginx" / "active"
             active.mkdir(parents=True)
             (active / "http.conf").symlink_to(conf.parent / "modes" / f"{mode}.conf")
@@ -90,6 +89,22 @@ def unrendered_jinja(project: Path) -> list[str]:
         if readable and marker.search(path.read_text(errors="replace")):
             hits.append(str(path.relative_to(project)))
     return hits
+
+
+def identical_files(project: Path) -> list[list[str]]:
+    """Groups of rendered files with the same bytes: each piece of configuration has one home."""
+    by_content: dict[str, list[str]] = {}
+    for path in sorted(project.rglob("*")):
+        if path.is_file() and ".git" not in path.parts and "secrets" not in path.parts:
+            by_content.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(str(path.relative_to(project)))
+    return [names for names in by_content.values() if len(names) > 1]
+
+
+def test_template_has_no_file_that_only_includes_another() -> None:
+    """A rendered file's text lives in that file's template, not in a stub around an include."""
+    include_only = re.compile(r"\A\s*\{%-?\s*include\s+[^%]*%\}\s*\Z")
+    stubs = [str(p.relative_to(TEMPLATE)) for p in (TEMPLATE / "template").rglob("*.jinja") if include_only.match(p.read_text())]
+    assert not stubs
 
 
 @pytest.mark.parametrize("data", topologies(), ids=case_id)
@@ -130,5 +145,6 @@ def test_topology_renders_hardened_and_valid(data: dict, tmp_path: Path, self_si
 
     check_nginx(project, tmp_path / "nginx", "app.example.org", self_signed)
     assert not unrendered_jinja(project)
+    assert not identical_files(project)
     for package in project.rglob("package*.json"):
         json.loads(package.read_text())
