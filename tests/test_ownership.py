@@ -8,6 +8,7 @@ and the user-owned files each one stops rendering are derived from copier.yml an
 
 import itertools
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pathspec
 import pytest
 import yaml
 
-from conftest import TEMPLATE, render
+from conftest import TEMPLATE, commit, copier, release, render, run
 
 CONFIG = yaml.safe_load((TEMPLATE / "copier.yml").read_text())
 USER_OWNED: list[str] = CONFIG["_skip_if_exists"]
@@ -65,6 +66,10 @@ def change_id(change: tuple[str, object]) -> str:
     return f"{name}=" + ("+".join(value) or "none" if isinstance(value, list) else str(value))
 
 
+def cli_data(name: str, value: object) -> str:
+    return f"--data={name}=" + (f"[{', '.join(value)}]" if isinstance(value, list) else str(value))
+
+
 def files(project: Path) -> set[str]:
     return {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file() and ".git" not in p.parts}
 
@@ -75,6 +80,10 @@ def user_owned(project: Path) -> set[str]:
 
 def head(path: Path) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[:HEAD_LINES])
+
+
+def snapshot(project: Path, names: set[str]) -> dict[str, bytes | None]:
+    return {name: (project / name).read_bytes() if (project / name).is_file() else None for name in sorted(names)}
 
 
 @pytest.fixture(scope="session")
@@ -137,3 +146,55 @@ def test_the_top_level_readme_lists_the_user_owned_paths() -> None:
     # Any other path it names is not claimed as yours: the list's home, the hook, docs and secrets.
     assert set(mentioned) - set(paths) <= {"_skip_if_exists", "copier.yml", "hooks/migrate.py", "docs/OPERATIONS.md",
                                           "tests/test_ownership.py", "secrets/"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def everything_on_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated project with every component on, committed, from a tagged template release."""
+    root = tmp_path_factory.mktemp("everything-on")
+    template, project = root / "template", root / "project"
+    release(TEMPLATE, template, "v1.0.0")
+    copier("copy", "--trust", "--defaults", "--vcs-ref=v1.0.0", *(cli_data(*a) for a in EVERYTHING_ON.items()),
+           str(template), str(project))  # fmt: skip
+    run("git", "init", "-q", cwd=project)
+    commit(project, "generated")
+    return project
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("change", ANSWER_CHANGES, ids=change_id)
+def test_no_answer_change_deletes_or_overwrites_a_user_owned_file(
+    rendered: Callable[..., Path], everything_on_project: Path, tmp_path: Path, change: tuple[str, object]
+) -> None:
+    name, value = change
+    lost = user_owned(rendered(**EVERYTHING_ON)) - user_owned(render_change(rendered, name, value))
+    if not lost:
+        pytest.skip(f"{change_id(change)} still renders every user-owned file")
+    project = tmp_path / "project"
+    shutil.copytree(everything_on_project, project, symlinks=True)
+    for path in lost:
+        (project / path).write_text(f"my own version of {path}\n")
+    commit(project, "my changes")
+    mine = snapshot(project, user_owned(project))
+
+    # The answer change: the template stops rendering `lost`; the user's files stay, listed for removal by hand.
+    result = copier("update", "--trust", "--defaults", cli_data(name, value), cwd=project)
+    output = result.stdout + result.stderr
+    assert snapshot(project, set(mine)) == mine, output
+    for path in lost:
+        assert path in output, f"the update does not tell the user it kept {path}:\n{output}"
+    assert "remove" in output.lower()
+    # The message after the update names every user-owned path it promises not to touch.
+    message = output.split("hardened-compose update done", 1)[1]
+    assert all(pattern.removesuffix("**") in message for pattern in USER_OWNED), message
+    commit(project, f"{change_id(change)}")
+
+    # And back: the template renders these files again, but never over the user's versions.
+    copier("update", "--trust", "--defaults", cli_data(name, EVERYTHING_ON[name]), cwd=project)
+    assert snapshot(project, set(mine)) == mine
+    assert files(project) >= files(rendered(**EVERYTHING_ON))
+    commit(project, "everything on again")
+
+    # `copier recopy` with the change renders afresh over the project: it deletes nothing either.
+    copier("recopy", "--trust", "--defaults", "--overwrite", cli_data(name, value), cwd=project)
+    assert snapshot(project, set(mine)) == mine
