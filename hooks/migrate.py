@@ -1,12 +1,16 @@
-"""Renames and removals from hooks/migrations.yml, run by Copier around `copier update` (_migrations).
+"""Run by Copier around every `copier update` (_migrations), in the project.
 
-Usage (from copier.yml): migrate.py <before|after> <version from> <version to>, in the project.
-Applies the entries whose release lies in (from, to]: renames before the update (Copier deletes
-a file the new version no longer renders, even one the user changed, so it must be moved
-first), removals after it. Standard library, PyYAML and packaging (from Copier) only.
+Usage (from copier.yml): migrate.py <before|after> <version from> <version to>.
+- before: the renames of hooks/migrations.yml whose release lies in (from, to] (Copier deletes a
+  file the new version no longer renders, even one the user changed, so it must be moved first);
+- after: restores every user-owned file (copier.yml `_skip_if_exists`) the update deleted because
+  the new version or a changed answer no longer renders it, and says so; then the removals.
+Standard library, PyYAML and packaging (from Copier) only; git is there (updates need it).
 """
 
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +18,7 @@ import yaml
 from packaging.version import Version
 
 TABLE = Path(__file__).with_name("migrations.yml")
+USER_OWNED: list[str] = yaml.safe_load(Path(__file__).parents[1].joinpath("copier.yml").read_text())["_skip_if_exists"]
 
 
 def applicable(entries: list[dict], stage: str, old: Version, new: Version) -> list[dict]:
@@ -37,10 +42,52 @@ def apply(entry: dict, project: Path) -> str | None:
     return f"removed {entry['remove']}"
 
 
+def git_pathspec(pattern: str) -> str:
+    """A _skip_if_exists pattern as a git pathspec. Copier matches them like .gitignore lines, where
+    a pattern without an inner slash matches at any depth."""
+    return ":(glob)" + (pattern.lstrip("/") if "/" in pattern.rstrip("/") else f"**/{pattern}")
+
+
+def keep_user_owned(project: Path, moved_or_removed: set[str]) -> list[str]:
+    """Restore from HEAD the user-owned files missing from the work tree; return their paths.
+
+    Copier deletes every file the old version rendered and the new one does not, user-owned or
+    not. It refuses to update a dirty tree, so a tracked file missing now was deleted by this
+    update, and HEAD holds the user's version of it. Files this table moved or removed stay so."""
+    git = ["git", "-c", f"core.hooksPath={os.devnull}"]
+    listed = subprocess.run(
+        [*git, "ls-files", "--deleted", "-z", "--", *map(git_pathspec, USER_OWNED)],
+        cwd=project, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    deleted = sorted(set(filter(None, listed.split("\0"))) - moved_or_removed)
+    if deleted:
+        subprocess.run([*git, "checkout", "HEAD", "--", *deleted], cwd=project, check=True)
+    return deleted
+
+
+def report_kept(project: Path, moved_or_removed: set[str]) -> None:
+    try:
+        kept = keep_user_owned(project, moved_or_removed)
+    except (OSError, subprocess.CalledProcessError) as exc:  # never fail half-way through an update
+        print(f"WARNING: could not check for deleted files you own ({exc}): run `git status`; restore any"
+              " with `git checkout HEAD -- <file>`.", file=sys.stderr)  # fmt: skip
+        return
+    if kept:
+        print("Kept files you own that the template no longer renders with these answers (restored from git HEAD):")
+        print("".join(f"  {path}\n" for path in kept), end="")
+        print("Remove them by hand (git rm) if your project no longer needs them, with the code that uses them.")
+
+
 def main(argv: list[str]) -> int:
     stage, old, new = argv[0], Version(argv[1]), Version(argv[2])
-    for entry in applicable(yaml.safe_load(TABLE.read_text()) or [], stage, old, new):
-        done = apply(entry, Path.cwd())
+    table = yaml.safe_load(TABLE.read_text()) or []
+    project = Path.cwd()
+    if stage == "after":
+        planned = {e["rename"]["from"] for e in applicable(table, "before", old, new)}
+        planned |= {e["remove"] for e in applicable(table, "after", old, new)}
+        report_kept(project, planned)
+    for entry in applicable(table, stage, old, new):
+        done = apply(entry, project)
         if done:
             print(f"migration {entry['version']}: {done}")
     return 0

@@ -15,15 +15,16 @@ TEMPLATE = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
-def render(dst: Path, env: dict[str, str] | None = None, **data: object) -> Path:
+def render(dst: Path, env: dict[str, str] | None = None, tasks: bool = True, **data: object) -> Path:
     """Render the working tree of the template (uncommitted changes included) into dst.
 
     env: extra environment for the template's tasks (Copier hands tasks plumbum's copy of the
     environment, so os.environ changes made after start-up do not reach them). Digest pinning is
-    off unless env says otherwise: the pinning tests bring their own registry."""
+    off unless env says otherwise: the pinning tests bring their own registry. tasks=False renders
+    the template's files only (no secrets, no pinning)."""
     with warnings.catch_warnings(), local.env(**{"HARDENED_COMPOSE_PIN": "off", **(env or {})}):
         warnings.filterwarnings("ignore", message="Dirty template changes included automatically")
-        run_copy(str(TEMPLATE), dst, data=data, defaults=True, unsafe=True, quiet=True, vcs_ref="HEAD")
+        run_copy(str(TEMPLATE), dst, data=data, defaults=True, unsafe=True, quiet=True, vcs_ref="HEAD", skip_tasks=not tasks)
     return dst
 
 
@@ -31,6 +32,20 @@ def copier_cli(destination: Path, *options: str) -> subprocess.CompletedProcess[
     """`copier copy` as a user types it (non-interactive), from the template's working tree."""
     command = ["copier", "copy", "--trust", "--defaults", "--vcs-ref=HEAD", *options, str(TEMPLATE), str(destination)]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HARDENED_COMPOSE_PIN": "off"})
+
+
+def copier(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The copier command line (copy, update, recopy) as a user runs it, with digest pinning off."""
+    env = {**os.environ, "HARDENED_COMPOSE_PIN": "off"}
+    result = subprocess.run(["copier", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    if check:
+        assert result.returncode == 0, f"copier {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def commit(project: Path, message: str) -> None:
+    run("git", "add", "-A", cwd=project)
+    run("git", "commit", "-q", "-m", message, cwd=project)
 
 
 def run(*args: str | Path, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -1,13 +1,11 @@
 """`copier update` across real tagged template versions, with a user's committed changes."""
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import TEMPLATE, release, run
+from conftest import TEMPLATE, commit, copier, release, run
 
 pytestmark = pytest.mark.e2e
 
@@ -22,19 +20,6 @@ USER_CHANGES = {
     ".env": "BACKEND_MEMORY=3G\nCORS_ORIGINS=https://app.example.org,https://admin.example.org\n",
     "backend/app/extra.py": "def answer() -> int:\n    return 42\n",
 }
-
-
-def copier(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HARDENED_COMPOSE_PIN": "off"}
-    result = subprocess.run(["copier", *args], cwd=cwd, capture_output=True, text=True, env=env)
-    if check:
-        assert result.returncode == 0, f"copier {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def commit(project: Path, message: str) -> None:
-    run("git", "add", "-A", cwd=project)
-    run("git", "commit", "-q", "-m", message, cwd=project)
 
 
 def snapshot(project: Path, names: list[str]) -> dict[str, bytes]:

@@ -1,4 +1,4 @@
-// Yours: `copier update` never overwrites this file.
+// Yours: `copier update` never overwrites or deletes this file.
 // A dependency-free build: copies src/ into dist/assets/ with content hashes in the file names
 // (so nginx can cache them for a year) and points index.html at the hashed names.
 import { createHash } from "node:crypto";

@@ -1,0 +1,1 @@
+# Yours: `copier update` never overwrites or deletes this file.

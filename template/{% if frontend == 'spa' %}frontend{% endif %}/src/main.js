@@ -1,4 +1,4 @@
-// Yours: `copier update` never overwrites this file.
+// Yours: `copier update` never overwrites or deletes this file.
 const config = window.__APP_CONFIG__ ?? { apiBaseUrl: "/api", wsUrl: "/ws" };
 
 function show(id, text) {
