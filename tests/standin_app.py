@@ -1,6 +1,7 @@
 """A small ASGI backend stand-in for the nginx tests (served by uvicorn).
 
-HTTP under /api/ answers JSON describing the request it received (path, headers, body size);
+HTTP under /api/ answers JSON describing the request it received (path, headers, body size,
+client address);
 /ws echoes WebSocket text messages.
 """
 
@@ -23,6 +24,8 @@ async def app(scope: dict, receive, send) -> None:
         if not message.get("more_body"):
             break
     headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-    body = json.dumps({"path": scope["path"], "headers": headers, "body_size": size}).encode()
+    # client: the address uvicorn settled on (after --proxy-headers and FORWARDED_ALLOW_IPS).
+    client = (scope.get("client") or ["?"])[0]
+    body = json.dumps({"path": scope["path"], "headers": headers, "body_size": size, "client": client}).encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})

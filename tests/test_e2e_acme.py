@@ -5,6 +5,7 @@ entrypoint logic) obtains a certificate, the proxy switches to HTTPS by itself, 
 forced renewal serves the new certificate: nobody signals it, there is no Docker socket.
 """
 
+import http.client
 import json
 import shutil
 import socket
@@ -35,6 +36,7 @@ from nginx_stage import stage
 pytestmark = pytest.mark.e2e
 
 DOMAIN = "app.example.org"
+AS_DOMAIN = {"Host": DOMAIN}
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/bin"
 
 
@@ -90,26 +92,26 @@ def start_pebble(processes: Processes, root: Path, http_port: int) -> Acme:
     return Acme(f"https://127.0.0.1:{acme_port}/dir", root / "pebble.pem")
 
 
-def served_certificate(port: int) -> x509.Certificate | None:
+def served_certificate(port: int, server_name: str = DOMAIN) -> x509.Certificate | None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
         with (
             socket.create_connection(("127.0.0.1", port), timeout=3) as raw,
-            context.wrap_socket(raw, server_hostname=DOMAIN) as tls,
+            context.wrap_socket(raw, server_hostname=server_name) as tls,
         ):
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
     except OSError:
         return None
 
 
-def https_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
-    import http.client
-
+def https_get(port: int, path: str, host: str = DOMAIN, sni: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET over TLS with this Host header, and this SNI name (the Host's name unless given)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
-    conn.request("GET", path, headers={"Host": DOMAIN})
+    conn = http.client.HTTPSConnection(sni or host, port, timeout=10, context=context)
+    conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname=sni or host)
+    conn.request("GET", path, headers={"Host": host})
     response = conn.getresponse()
     result = response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     conn.close()
@@ -160,7 +162,7 @@ def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
     with server_root("acme") as root:
         try:
             http_port, https_port = free_port(), free_port()
-            backend = start_backend(processes, root)
+            backend = start_backend(processes, root, project)
             conf = stage(
                 project,
                 "proxy",
@@ -218,9 +220,9 @@ def test_acme_proxy_starts_without_certificate_obtains_one_and_follows_renewal(p
     probe.parent.mkdir(parents=True, exist_ok=True)
     probe.write_text("token-probe")
     writable_by_server(p.root / "var/www/certbot")  # the webroot volume belongs to certbot's user
-    assert fetch(p.http_port, "/.well-known/acme-challenge/probe").body == b"token-probe"
+    assert fetch(p.http_port, "/.well-known/acme-challenge/probe", headers=AS_DOMAIN).body == b"token-probe"
     assert fetch(p.http_port, "/health").status == 200
-    assert fetch(p.http_port, "/").status == 503
+    assert fetch(p.http_port, "/", headers=AS_DOMAIN).status == 503
     assert served_certificate(p.https_port) is None
     master = (p.root / "tmp/nginx.pid").read_text()
 
@@ -237,10 +239,20 @@ def test_acme_proxy_starts_without_certificate_obtains_one_and_follows_renewal(p
     assert headers["strict-transport-security"] == "max-age=63072000; includeSubDomains"
     assert all(h in headers for h in SECURITY_HEADERS)
     # Old workers finish their connections after a reload: poll until the new mode answers.
-    redirect = wait_until(lambda: (r := fetch(p.http_port, "/some/page?q=1")).status == 301 and r, timeout=10)
+    redirect = wait_until(lambda: (r := fetch(p.http_port, "/some/page?q=1", headers=AS_DOMAIN)).status == 301 and r, timeout=10)
     assert redirect and redirect.status == 301 and redirect.headers["location"] == f"https://{DOMAIN}/some/page?q=1"
     assert "strict-transport-security" not in redirect.headers
-    assert fetch(p.http_port, "/.well-known/acme-challenge/probe").body == b"token-probe"
+    assert fetch(p.http_port, "/.well-known/acme-challenge/probe", headers=AS_DOMAIN).body == b"token-probe"
+
+    # Only the configured name reaches the app: another Host is dropped without an answer on
+    # HTTP and told it is misdirected on HTTPS; TLS for another name (SNI) is refused outright.
+    with pytest.raises(http.client.RemoteDisconnected):
+        fetch(p.http_port, "/", headers={"Host": "evil.example"})
+    with pytest.raises(ssl.SSLError):
+        https_get(p.https_port, "/", host="evil.example")
+    assert https_get(p.https_port, "/api/echo", host="evil.example", sni=DOMAIN)[0] == 421
+    assert served_certificate(p.https_port, server_name="evil.example") is None
+    assert json.loads(https_get(p.https_port, "/api/echo")[2])["headers"]["host"] == DOMAIN
 
     # 4. Mozilla intermediate: TLS 1.2 and 1.3 only, key exchange over X25519, P-256 or P-384 only.
     assert tls_handshake_succeeds(p.https_port, "-tls1_2")
@@ -288,7 +300,7 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
     processes = Processes()
     with server_root("chain") as root:
         try:
-            backend = start_backend(processes, root)
+            backend = start_backend(processes, root, project)
             frontend_port, proxy_port = free_port(), free_port()
             front = stage(
                 project,
@@ -334,9 +346,12 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
             # The SPA's directory redirect reaches the client relative: no internal host or port.
             redirect = fetch(proxy_port, "/assets", headers={"Host": DOMAIN})
             assert redirect.status == 301 and redirect.headers["location"] == "/assets/"
-            echo = fetch(proxy_port, "/api/echo", headers={"X-Forwarded-For": "198.51.100.9"})
+            # A client's claimed address is replaced at the edge, and the SPA nginx behind it passes
+            # on what the edge saw: the backend gets the real client address, once.
+            echo = fetch(proxy_port, "/api/echo", headers={"X-Forwarded-For": "198.51.100.9", "X-Real-IP": "198.51.100.9"})
             seen = json.loads(echo.body)["headers"]
-            assert seen["x-forwarded-for"] == "198.51.100.9, 127.0.0.1"
+            assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-real-ip"] == "127.0.0.1"
+            assert json.loads(echo.body)["client"] == "127.0.0.1"
             assert seen["x-forwarded-proto"] == "http"
             # Every header exactly once through both nginx servers (each sets the security headers
             # and may compress), on pages, assets, redirects, errors, the API and /health.

@@ -23,7 +23,7 @@ from servers import (
 )
 from websockets.sync.client import connect
 
-from conftest import render, run
+from conftest import compose_model, render, run
 from nginx_stage import stage
 
 pytestmark = pytest.mark.e2e
@@ -60,13 +60,29 @@ def fetch(port: int, path: str, method: str = "GET", headers: dict | None = None
     return result
 
 
-def start_backend(processes: Processes, logs: Path) -> int:
+def start_backend(processes: Processes, logs: Path, project: Path) -> int:
+    """The stand-in app under uvicorn as the backend image runs it: --proxy-headers, believing
+    only the proxies the project's Compose file names (FORWARDED_ALLOW_IPS)."""
     port = free_port()
     here = Path(__file__).resolve().parent
+    trusted = compose_model(project, "compose.yaml")["services"]["backend"]["environment"]["FORWARDED_ALLOW_IPS"]
     process = processes.start(
-        ["python3", "-m", "uvicorn", "standin_app:app", "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"],
+        [
+            "python3",
+            "-m",
+            "uvicorn",
+            "standin_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+            "--proxy-headers",
+        ],
         logs / "backend.log",
         cwd=here,
+        env={**os.environ, "FORWARDED_ALLOW_IPS": trusted},
     )
     wait_ready(process, lambda: http_status(port, "/api/echo") == 200)
     return port
@@ -84,6 +100,7 @@ class Spa:
     port: int
     dead_backend_port: int
     root: Path
+    backend_port: int
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +110,7 @@ def spa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spa]:
     processes = Processes()
     with server_root("spa") as base:
         try:
-            backend = start_backend(processes, base)
+            backend = start_backend(processes, base, project)
             ports = []
             for name, upstream in (("live", f"127.0.0.1:{backend}"), ("dead", f"127.0.0.1:{free_port()}")):
                 root = base / name
@@ -107,7 +124,7 @@ def spa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spa]:
                 env = {"RUNTIME_CONFIG_DIR": runtime, "API_BASE_URL": "/api", "WS_URL": "/ws", "APP_ENV": "e2e"}
                 start_nginx(processes, root, conf, Path(entrypoint), env, port)
                 ports.append(port)
-            yield Spa(ports[0], ports[1], base / "live")
+            yield Spa(ports[0], ports[1], base / "live", backend)
         finally:
             processes.stop_all()
 
@@ -173,12 +190,22 @@ def test_nginx_forwards_api_with_forwarded_headers_and_hsts_behind_tls(spa: Spa)
     assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
     assert seen["headers"]["x-forwarded-proto"] == "http" and seen["headers"]["x-real-ip"] == "127.0.0.1"
     assert plain.headers["cache-control"] == "no-store"
-    # Behind Nginx Proxy Manager: TLS ended there, the client chain and scheme are passed on.
-    behind = fetch(spa.port, "/api/echo", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"})
-    seen = json.loads(behind.body)
-    assert seen["headers"]["x-forwarded-proto"] == "https"
-    assert seen["headers"]["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    # Behind Nginx Proxy Manager: TLS ended there and the scheme is passed on.
+    behind = fetch(spa.port, "/api/echo", headers={"X-Forwarded-Proto": "https"})
+    assert json.loads(behind.body)["headers"]["x-forwarded-proto"] == "https"
     assert behind.headers["strict-transport-security"].startswith("max-age=63072000")
+
+
+def test_clients_cannot_choose_the_address_the_backend_sees(spa: Spa) -> None:
+    """A client claiming another address (X-Forwarded-For, X-Real-IP) from outside the Docker
+    networks: the SPA nginx passes on the address it really sees, and uvicorn believes no one
+    but the proxies in front of it, so the backend sees the client as it is."""
+    forged = {"X-Forwarded-For": "203.0.113.66", "X-Real-IP": "203.0.113.66"}
+    seen = json.loads(fetch(spa.port, "/api/echo", headers=forged).body)
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1" and seen["headers"]["x-real-ip"] == "127.0.0.1"
+    assert seen["client"] == "127.0.0.1"
+    # Straight to uvicorn (as a published API-only backend would be reached): not believed either.
+    assert json.loads(fetch(spa.backend_port, "/api/echo", headers=forged).body)["client"] == "127.0.0.1"
 
 
 def test_nginx_upgrades_websockets_to_the_backend(spa: Spa) -> None:
