@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copier_cli, render
+from conftest import compose_model, copier_cli, render
 
 # (answers, the start of the message the user sees)
 BAD_ANSWERS = [
@@ -35,6 +35,9 @@ BAD_ANSWERS = [
     ({"services": ["redis", "celery_worker"], "celery_queues": "default;touch x"}, "celery_queues: must be 1-8"),
     ({"backend": "existing", "services": ["redis", "celery_beat"], "celery_app": "app:x:y"}, "celery_app: must look like"),
     ({"proxy_mode": "npm", "npm_network": "net work"}, "npm_network: must be a Docker network name"),
+    ({"proxy_mode": "npm", "npm_network": "null"}, "npm_network: 'null' reads as a YAML keyword"),
+    ({"proxy_mode": "npm", "npm_network": "Yes"}, "npm_network: 'Yes' reads as a YAML keyword"),
+    ({"project_slug": "true"}, "project_slug: 'true' reads as a YAML keyword"),
     ({"cors_origins": "*"}, "cors_origins: '*' is not an exact origin"),
     ({"cors_origins": "https://a.example.org/path"}, "cors_origins: 'https://a.example.org/path' is not an exact origin"),
     ({"cors_origins": "https://a.example.org, https://b.example.org"}, "is not an exact origin"),
@@ -67,6 +70,17 @@ def test_good_edge_answers_are_accepted(tmp_path: Path) -> None:
         celery_queues="default,long_running,q3",
     )
     assert "worker_long_running:" in (project / "compose.yaml").read_text()
+
+
+def test_answers_that_look_like_yaml_syntax_stay_strings(tmp_path: Path) -> None:
+    """Valid answers that YAML would misread unquoted ('%' starts a directive, 'n' is a
+    boolean in YAML 1.1): every Compose value keeps the exact text."""
+    project = render(tmp_path / "p", proxy_mode="nginx-certbot", email="%x@example.org", project_slug="n1")
+    model = compose_model(project, "compose.yaml")
+    assert model["name"] == "n1"
+    assert model["services"]["certbot"]["environment"]["CERTBOT_EMAIL"] == "%x@example.org"
+    npm = render(tmp_path / "npm", proxy_mode="npm", npm_network="0x1F")
+    assert compose_model(npm, "compose.yaml")["networks"]["npm"]["name"] == "0x1F"
 
 
 def test_cli_prints_one_line_message_and_exits_non_zero(tmp_path: Path) -> None:
