@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from conftest import copier_cli, render, run
+from conftest import compose_model, copier_cli, render, run
 
 ALL_SERVICES = ["postgres", "redis", "celery_worker", "celery_beat"]
 NAMES = ["app_secret_key", "postgres_password", "redis_password"]
@@ -117,3 +117,17 @@ def test_secrets_script_leaves_correct_secrets_alone_for_an_operator_who_cannot_
         assert result.returncode == 0 and result.stderr == "", result.stderr
     finally:
         shutil.rmtree(shared)
+
+
+def test_each_service_gets_only_the_secrets_it_reads(tmp_path: Path) -> None:
+    project = render(tmp_path / "p", services=ALL_SERVICES)
+    services = compose_model(project, "compose.yaml")["services"]
+    given = {name: sorted(s["source"] for s in service.get("secrets") or []) for name, service in services.items()}
+    assert given == {
+        "postgres": ["postgres_app_password", "postgres_password"],  # the superuser's: nobody else
+        "redis": ["redis_password"],
+        "backend": ["app_secret_key", "postgres_app_password", "redis_password"],
+        "worker_default": ["postgres_app_password", "redis_password"],
+        "beat": ["redis_password"],
+        "frontend": [],
+    }
