@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,29 @@ def compose_model(project: Path, compose_file: str) -> dict:
     if result.returncode != 0:
         pytest.fail(f"docker compose config -f {compose_file} failed:\n{result.stderr}")
     return json.loads(result.stdout)
+
+
+def healthcheck_argv(service: dict) -> list[str]:
+    """A service's healthcheck from the Compose model, as the engine runs it: CMD runs its
+    arguments, CMD-SHELL hands its string to `/bin/sh -c` (no image here sets SHELL). `config`
+    prints Compose's `$$` escapes; the engine receives them as `$`."""
+    kind, *args = [part.replace("$$", "$") for part in service["healthcheck"]["test"]]
+    assert kind in ("CMD", "CMD-SHELL"), service["healthcheck"]
+    return ["/bin/sh", "-c", *args] if kind == "CMD-SHELL" else args
+
+
+def outside_the_image(argv: list[str], dockerfile: Path) -> list[str]:
+    """A command written for the image, run on this machine: paths the Dockerfile copies from its
+    build context become those files in the project, and the image's Python is the tests' own."""
+    copied = {}
+    for line in dockerfile.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(word.startswith("--from") for word in words):
+            *sources, target = [word for word in words[1:] if not word.startswith("--")]
+            if len(sources) == 1:
+                copied[target] = str(dockerfile.parent / sources[0])
+    python = {"python": sys.executable, "python3": sys.executable}
+    return [python.get(argv[0], argv[0]), *(copied.get(arg, arg) for arg in argv[1:])]
 
 
 def release(source: Path, repo: Path, tag: str) -> None:
