@@ -14,6 +14,8 @@ from plumbum import local
 
 TEMPLATE = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+# record_property name of a boot test's `docker stats` table, printed in the terminal summary.
+IDLE_MEMORY = "idle memory"
 
 
 def render(dst: Path, env: dict[str, str] | None = None, **data: object) -> Path:
@@ -112,3 +114,13 @@ def git_identity() -> None:
             key = f"GIT_{role}_{field}"
             os.environ.setdefault(key, value)
             local.env[key] = os.environ[key]  # the copy Copier hands to its tasks and git
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The boot tests' idle memory tables, shown whatever the capture mode, with or without xdist
+    (record_property travels with the test report from the worker)."""
+    for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
+        for name, value in report.user_properties:
+            if name == IDLE_MEMORY and report.when == "call":
+                terminalreporter.write_sep("-", f"{IDLE_MEMORY}: {report.nodeid}")
+                terminalreporter.write_line(str(value))
