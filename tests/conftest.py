@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from plumbum import local
 
 TEMPLATE = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+# record_property name of a boot test's `docker stats` table, printed in the terminal summary.
+IDLE_MEMORY = "idle memory"
 
 
 def render(dst: Path, env: dict[str, str] | None = None, tasks: bool = True, **data: object) -> Path:
@@ -77,6 +80,29 @@ def compose_model(project: Path, compose_file: str) -> dict:
     return json.loads(result.stdout)
 
 
+def healthcheck_argv(service: dict) -> list[str]:
+    """A service's healthcheck from the Compose model, as the engine runs it: CMD runs its
+    arguments, CMD-SHELL hands its string to `/bin/sh -c` (no image here sets SHELL). `config`
+    prints Compose's `$$` escapes; the engine receives them as `$`."""
+    kind, *args = [part.replace("$$", "$") for part in service["healthcheck"]["test"]]
+    assert kind in ("CMD", "CMD-SHELL"), service["healthcheck"]
+    return ["/bin/sh", "-c", *args] if kind == "CMD-SHELL" else args
+
+
+def outside_the_image(argv: list[str], dockerfile: Path) -> list[str]:
+    """A command written for the image, run on this machine: paths the Dockerfile copies from its
+    build context become those files in the project, and the image's Python is the tests' own."""
+    copied = {}
+    for line in dockerfile.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(word.startswith("--from") for word in words):
+            *sources, target = [word for word in words[1:] if not word.startswith("--")]
+            if len(sources) == 1:
+                copied[target] = str(dockerfile.parent / sources[0])
+    python = {"python": sys.executable, "python3": sys.executable}
+    return [python.get(argv[0], argv[0]), *(copied.get(arg, arg) for arg in argv[1:])]
+
+
 def release(source: Path, repo: Path, tag: str) -> None:
     """Commit the template tree at source into the git repository repo as release `tag`.
 
@@ -103,3 +129,13 @@ def git_identity() -> None:
             key = f"GIT_{role}_{field}"
             os.environ.setdefault(key, value)
             local.env[key] = os.environ[key]  # the copy Copier hands to its tasks and git
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The boot tests' idle memory tables, shown whatever the capture mode, with or without xdist
+    (record_property travels with the test report from the worker)."""
+    for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
+        for name, value in report.user_properties:
+            if name == IDLE_MEMORY and report.when == "call":
+                terminalreporter.write_sep("-", f"{IDLE_MEMORY}: {report.nodeid}")
+                terminalreporter.write_line(str(value))

@@ -6,18 +6,19 @@ session; the tests share them through the xdist group "docker" (run with --dist 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from docker_engine import BASE_IMAGE, Engine, build_standins
 from servers import free_port
 
-from conftest import render
+from conftest import IDLE_MEMORY, healthcheck_argv, render
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("docker")]
 
@@ -79,8 +80,69 @@ def no_egress(network: dict) -> bool:
     return network["Internal"] and f"! -d {subnet} -i {bridge} -j DROP" in isolation and subnet not in nat
 
 
+# --- Healthchecks and idle memory: helpers called once the stack is healthy ---------------------
+
+GO_DURATION_SECONDS = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+BYTES = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "kB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def seconds(duration: str) -> float:
+    """A Go duration as `docker compose config` prints it: "5s", "1m0s"."""
+    return sum(float(number) * GO_DURATION_SECONDS[unit] for number, unit in re.findall(r"([\d.]+)(ms|h|m|s)", duration))
+
+
+def healthcheck_passes(engine: Engine, container: str, service: dict) -> bool:
+    """The service's Compose healthcheck run inside container as the engine runs it (the
+    container's user, environment and working directory), within the healthcheck's timeout."""
+    command = ["docker", "exec", container, *healthcheck_argv(service)]
+    try:
+        result = subprocess.run(command, env=engine.env, capture_output=True, timeout=seconds(service["healthcheck"]["timeout"]))
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0
+
+
+def check_healthchecks(engine: Engine, project: Path, model: dict) -> None:
+    """Each service's healthcheck, taken from the Compose model, passes in the service's running
+    container and fails in a fresh container of the same service (image, user, environment,
+    secrets, networks: the broker and database stay reachable) whose main process is a `sleep`.
+    The images the project builds declare no healthcheck of their own (one place: Compose)."""
+    problems = []  # every service is checked, so one run shows every broken healthcheck
+    for name, service in model["services"].items():
+        if "build" in service and engine.inspect("image", service["image"])[0]["Config"].get("Healthcheck"):
+            problems.append(f"{name}: its image declares a healthcheck too")
+        container = engine.compose(project, "compose.test.yaml", "ps", "--quiet", name).stdout.strip()
+        if not healthcheck_passes(engine, container, service):
+            problems.append(f"{name}: healthcheck fails while the service is up")
+        down = f"{model['name']}-{name}-down"
+        engine.compose(project, "compose.test.yaml", "run", "--detach", "--no-deps", "--name", down,
+                       "--entrypoint", "sleep", name, "infinity")  # fmt: skip
+        try:
+            if healthcheck_passes(engine, down, service):
+                problems.append(f"{name}: healthcheck passes while the service is down")
+        finally:
+            engine.docker("rm", "--force", down, check=False)
+    assert not problems, "\n".join(problems)
+
+
+def idle_memory(engine: Engine, project: Path) -> str:
+    """`docker stats --no-stream` of the stack at rest: memory (used / limit) and processes per
+    container, and the memory of all of them."""
+    containers = engine.compose(project, "compose.test.yaml", "ps", "--quiet").stdout.split()
+    stats = engine.docker("stats", "--no-stream", "--format", "{{.Name}}\t{{.MemUsage}}\t{{.PIDs}}", *containers).stdout
+    rows = sorted(line.split("\t") for line in stats.splitlines())
+    used = 0.0
+    for _, usage, _ in rows:
+        number, unit = re.fullmatch(r"([\d.]+)\s*(\w+)", usage.split("/")[0].strip()).groups()
+        used += float(number) * BYTES[unit]
+    lines = [f"{name:<44} {usage:>22} {pids:>4} processes" for name, usage, pids in rows]
+    return "\n".join([*lines, f"{'all containers':<44} {used / 2**20:>12.1f}MiB"])
+
+
 @pytest.mark.parametrize("name", TOPOLOGIES)
-def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path: Path, name: str) -> None:
+def test_boot_topology_is_healthy_verified_and_isolated(
+    engine: Engine, tmp_path: Path, name: str, record_property: Callable[[str, object], None]
+) -> None:
     answers = {**COMMON, **TOPOLOGIES[name]}
     project = render(tmp_path / "p", project_name="Boot Demo", **answers)
     model = json.loads(engine.compose(project, "compose.test.yaml", "config", "--format", "json").stdout)
@@ -93,6 +155,7 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
         engine.compose(
             project, "compose.test.yaml", "up", "--detach", "--wait", "--wait-timeout", "240", "--no-build", HTTP_PORT=str(port)
         )
+        record_property(IDLE_MEMORY, idle_memory(engine, project))  # printed at the end (conftest.py)
 
         # The operator's check (make test-verify): healthy, hardened, numeric non-root, limited.
         result = subprocess.run(
@@ -122,6 +185,7 @@ def test_boot_topology_is_healthy_verified_and_isolated(engine: Engine, tmp_path
             write = engine.docker("exec", container, "sh", "-c", "touch /hardened-compose-probe", check=False)
             assert write.returncode != 0 and "Read-only file system" in write.stderr, container
         assert no_egress(engine.inspect("network", f"{model['name']}_data")[0])
+        check_healthchecks(engine, project, model)
 
         if answers["proxy_mode"] == "nginx-certbot":
             # The production mode of the proxy before any certificate exists (the test stack runs it

@@ -30,7 +30,7 @@ from servers import (
 )
 from test_e2e_nginx import SECURITY_HEADERS, fetch, start_backend
 
-from conftest import render, run, self_signed_certificate
+from conftest import compose_model, healthcheck_argv, outside_the_image, render, run, self_signed_certificate
 from nginx_stage import stage
 
 pytestmark = pytest.mark.e2e
@@ -365,3 +365,23 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
                 assert all(h in response.headers for h in SECURITY_HEADERS), f"{path}: {response.header_list}"
         finally:
             processes.stop_all()
+
+
+def test_certbot_healthcheck_wants_a_certificate_valid_for_14_more_days(tmp_path: Path) -> None:
+    """certbot's healthcheck from the rendered Compose model, against real certificate files."""
+    project = render(tmp_path / "p", proxy_mode="nginx-certbot", frontend="none", domain=DOMAIN)
+    certbot = compose_model(project, "compose.yaml")["services"]["certbot"]
+    check = outside_the_image(healthcheck_argv(certbot), project / "certbot" / "Dockerfile")
+    config_dir = tmp_path / "letsencrypt"  # the letsencrypt volume
+    env = {**certbot["environment"], "PATH": SYSTEM_PATH, "CERTBOT_CONFIG_DIR": str(config_dir)}
+
+    def healthy() -> bool:
+        return subprocess.run(check, env=env, capture_output=True, timeout=30).returncode == 0
+
+    assert not healthy(), "healthy without a certificate"
+    live = config_dir / "live" / DOMAIN
+    live.mkdir(parents=True)
+    for days, expected in ((15, True), (13, False)):
+        run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days",
+            str(days), "-subj", f"/CN={DOMAIN}", "-keyout", live / "privkey.pem", "-out", live / "fullchain.pem")  # fmt: skip
+        assert healthy() == expected, f"certificate valid for {days} more days"

@@ -28,7 +28,7 @@ from servers import (
     wait_until,
 )
 
-from conftest import compose_model, render
+from conftest import compose_model, healthcheck_argv, outside_the_image, render
 
 pytestmark = pytest.mark.e2e
 
@@ -96,10 +96,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def healthcheck_command(project: Path, service: str) -> list[str]:
-    """The service's healthcheck as the engine runs it (`config` keeps Compose's $$ escapes)."""
-    test = compose_model(project, "compose.yaml")["services"][service]["healthcheck"]["test"]
-    test = [part.replace("$$", "$") for part in test]
-    return ["sh", "-c", test[1]] if test[0] == "CMD-SHELL" else test[1:]
+    """The service's healthcheck from the rendered Compose model, run on this machine (files of the
+    backend image are the project's: see outside_the_image)."""
+    service_model = compose_model(project, "compose.yaml")["services"][service]
+    return outside_the_image(healthcheck_argv(service_model), project / "backend" / "Dockerfile")
 
 
 def test_redis_requires_the_secret_password_keeps_it_out_of_argv_and_persists(redis_server: RedisServer) -> None:
@@ -300,15 +300,16 @@ def test_celery_worker_and_beat_healthchecks_follow_redis(redis_server: RedisSer
     )
     healthcheck = [sys.executable, str(backend / "docker" / "healthcheck.py")]
     worker_check = healthcheck_command(r.project, "worker_default")
+    beat_check = healthcheck_command(r.project, "beat")
 
     def healthy(command: list[str]) -> bool:
         return subprocess.run(command, cwd=backend, env=env, capture_output=True, timeout=60).returncode == 0
 
     assert wait_until(lambda: healthy(worker_check), timeout=60), (r.root / "worker.log").read_text()[-2000:]
-    assert wait_until(lambda: healthy([*healthcheck, "beat"]), timeout=30), (r.root / "beat.log").read_text()[-2000:]
+    assert wait_until(lambda: healthy(beat_check), timeout=30), (r.root / "beat.log").read_text()[-2000:]
     assert healthy([*healthcheck, "redis"])
 
     r.processes.stop(process)  # Redis goes down
     assert not healthy([*healthcheck, "redis"])
-    assert not healthy([*healthcheck, "beat"])
+    assert not healthy(beat_check)
     assert not healthy(worker_check)
