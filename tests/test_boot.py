@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import urllib.error
 import urllib.request
@@ -237,3 +238,73 @@ def test_boot_build_context_of_the_nginx_images_admits_only_what_they_copy(engin
     never |= {"frontend/Dockerfile", "proxy/Dockerfile", "compose.yaml", ".copier-answers.yml"}
     assert received == admitted - never
     assert "nginx/nginx.conf" in received and "frontend/src/main.js" in received and not received & never
+
+
+def test_backup_and_restore_round_trip(engine: Engine, tmp_path: Path) -> None:
+    """make backup / make restore against the real database: private files, nothing left by a
+    failed dump, damaged or empty files refused, encrypted dumps, data back after the volume
+    is gone, owned by the application role."""
+    project = render(
+        tmp_path / "p", project_name="Backup Demo", services=["postgres"], frontend="none", proxy_mode="none", **COMMON
+    )
+    script = ["python3", "scripts/backup.py", "--compose-file", "compose.test.yaml"]
+
+    def compose(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return engine.compose(project, "compose.test.yaml", *args, check=check)
+
+    def sql(statement: str) -> str:
+        as_app = (
+            'PGPASSWORD="$(cat "$POSTGRES_APP_PASSWORD_FILE")" '
+            'psql -qtA -h 127.0.0.1 -U "$POSTGRES_APP_USER" -d "$POSTGRES_DB" -c "$0"'
+        )
+        return compose("exec", "-T", "postgres", "sh", "-c", as_app, statement).stdout.strip()
+
+    def tool(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*script, *args], cwd=project, env={**engine.env, **env}, capture_output=True, text=True)
+
+    try:
+        compose("up", "--detach", "--wait", "--no-build", "postgres")
+        sql("create table orders (id serial primary key, item text); insert into orders (item) values ('book'), ('pen')")
+
+        made = tool("backup")
+        assert made.returncode == 0, made.stderr
+        backups = project / "backups"
+        (dump,) = backups.glob("backup_demo-*.dump")
+        assert stat.S_IMODE(backups.stat().st_mode) == 0o700 and stat.S_IMODE(dump.stat().st_mode) == 0o600
+        assert dump.read_bytes().startswith(b"PGDMP")
+
+        identity = tmp_path / "age-identity.txt"
+        subprocess.run(["age-keygen", "-o", identity], check=True, capture_output=True)
+        recipient = subprocess.run(["age-keygen", "-y", identity], check=True, capture_output=True, text=True).stdout.strip()
+        encrypted = tool("backup", BACKUP_AGE_RECIPIENT=recipient)
+        assert encrypted.returncode == 0, encrypted.stderr
+        (sealed,) = backups.glob("*.dump.age")
+        assert b"PGDMP" not in sealed.read_bytes() and stat.S_IMODE(sealed.stat().st_mode) == 0o600
+
+        # Damaged, empty or foreign files are refused before anything is changed.
+        damaged = tmp_path / "damaged.dump"
+        damaged.write_bytes(dump.read_bytes()[: dump.stat().st_size // 2])
+        empty = tmp_path / "empty.dump"
+        empty.write_bytes(b"")
+        for bad, reason in ((damaged, "is damaged"), (empty, "missing or empty"), (project / "compose.yaml", "not a pg_dump")):
+            refused = tool("restore", str(bad))
+            assert refused.returncode == 1 and reason in refused.stderr, refused.stderr
+        assert sql("select count(*) from orders") == "2"
+
+        # The volume is gone: a new, empty database; the encrypted backup brings the data back.
+        compose("down", "--volumes")
+        compose("up", "--detach", "--wait", "--no-build", "postgres")
+        assert tool("restore", str(sealed)).returncode == 1  # no identity: refused
+        restored = tool("restore", str(sealed), BACKUP_AGE_IDENTITY=str(identity))
+        assert restored.returncode == 0, restored.stderr
+        assert sql("select string_agg(item, ',' order by id) from orders") == "book,pen"
+        assert sql("select tableowner from pg_tables where tablename = 'orders'") == "backup_demo_app"
+        assert sql("insert into orders (item) values ('ink') returning id") == "3"  # the sequence came back too
+
+        # A dump that cannot be made leaves no file that looks like a backup.
+        compose("stop", "postgres")
+        failed = tool("backup")
+        assert failed.returncode == 1 and "pg_dump exited" in failed.stderr
+        assert sorted(p.name for p in backups.iterdir()) == sorted([dump.name, sealed.name])
+    finally:
+        compose("down", "--volumes", check=False)
