@@ -1,11 +1,13 @@
 """Shared helpers: render the template with Copier's API and read what it produced."""
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from copier import run_copy
@@ -60,6 +62,15 @@ def compose_model(project: Path, compose_file: str) -> dict:
     if result.returncode != 0:
         pytest.fail(f"docker compose config -f {compose_file} failed:\n{result.stderr}")
     return json.loads(result.stdout)
+
+
+def rendered_verify(project: Path) -> ModuleType:
+    """The project's own scripts/verify.py as a module: its hardening rules, for the tests to apply."""
+    spec = importlib.util.spec_from_file_location(f"verify_{project.parent.name}", project / "scripts" / "verify.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def release(source: Path, repo: Path, tag: str) -> None:
