@@ -157,6 +157,8 @@ CASES = [
             "/run/docker.sock",
             "/var/run",
             "/srv/docker/volumes",
+            "/srv/run/engine.sock",
+            "/srv/run",
         )
     ],
     (
