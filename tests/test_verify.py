@@ -402,6 +402,14 @@ def test_harmless_binds_and_public_variables_pass(verify: ModuleType) -> None:
     assert judge_containers(verify, containers, RECORDED["networks"])["backend"] == []
 
 
+def test_no_network_is_not_an_outside_network(verify: ModuleType) -> None:
+    """network_mode: none shows the engine's "none" network, which connects nothing."""
+    containers = weakened(RECORDED["containers"], "postgres", host(NetworkMode="none"))
+    container(containers, "postgres")["NetworkSettings"]["Networks"] = {"none": {}}
+    none = {"Name": "none", "Internal": False, "Labels": {}}
+    assert judge_containers(verify, containers, [*RECORDED["networks"], none])["postgres"] == []
+
+
 def npm_network(containers: list[dict], service: str) -> list[dict]:
     """The containers with `service` joined to Nginx Proxy Manager's network (created outside the project)."""
     copies = copy.deepcopy(containers)
