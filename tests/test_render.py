@@ -21,6 +21,11 @@ def choices(question: str) -> list[str]:
     return list(offered.values() if isinstance(offered, dict) else offered)
 
 
+def rotate(question: str, i: int) -> str:
+    offered = choices(question)
+    return offered[i % len(offered)]
+
+
 # Valid service sets (celery needs redis); each a subset of copier.yml's choices.
 SERVICE_SETS = [
     [],
@@ -46,8 +51,8 @@ def topologies() -> list[dict]:
             "frontend": frontend,
             "services": services,
             "backend": EXISTING if i % 5 == 4 else SKELETON,
-            "update_bot": choices("update_bot")[i % 3],
-            "trivy_severity": choices("trivy_severity")[i % 3],
+            "update_bot": rotate("update_bot", i),
+            "trivy_severity": rotate("trivy_severity", i),
         }
         if "celery_worker" in services:
             data["celery_queues"] = "default,long" if i % 2 else "default"
