@@ -1,5 +1,6 @@
 """Shared helpers: render the template with Copier's API and read what it produced."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from copier import run_copy
@@ -101,6 +103,15 @@ def outside_the_image(argv: list[str], dockerfile: Path) -> list[str]:
                 copied[target] = str(dockerfile.parent / sources[0])
     python = {"python": sys.executable, "python3": sys.executable}
     return [python.get(argv[0], argv[0]), *(copied.get(arg, arg) for arg in argv[1:])]
+
+
+def rendered_verify(project: Path) -> ModuleType:
+    """The project's own scripts/verify.py as a module: its hardening rules, for the tests to apply."""
+    spec = importlib.util.spec_from_file_location(f"verify_{project.parent.name}", project / "scripts" / "verify.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def release(source: Path, repo: Path, tag: str) -> None:

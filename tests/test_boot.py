@@ -4,6 +4,7 @@ Root only (dockerd); marked `boot`. One engine and one set of stand-in base imag
 session; the tests share them through the xdist group "docker" (run with --dist loadgroup).
 """
 
+import itertools
 import json
 import os
 import re
@@ -206,6 +207,37 @@ def test_boot_topology_is_healthy_verified_and_isolated(
             weakened = verify(engine, project)
             assert weakened.returncode == 1
             assert "root filesystem is writable" in weakened.stdout and "not a non-root numeric UID" in weakened.stdout
+
+            # A dangerous service added in compose.override.yaml (a file verify is not given): it
+            # belongs to the project, so verify judges it and names every reason.
+            intruder = "\n    ".join([
+                'image: "python:3.11-slim"',
+                'command: ["sleep", "infinity"]',
+                "network_mode: none",
+                'user: "1000:0"',
+                "privileged: true",
+                "pid: host",
+                "cap_add: [NET_ADMIN]",
+                'security_opt: ["seccomp=unconfined"]',
+                f"volumes: ['{engine.socket}:/run/engine.sock:ro']",
+            ])  # fmt: skip
+            recreate_with_override(engine, project, port, "intruder", intruder)
+            dangerous = verify(engine, project)
+            assert dangerous.returncode == 1
+            lines = dangerous.stdout.splitlines()
+            row = next(i for i, line in enumerate(lines) if line.split()[1:2] == ["intruder"])
+            reasons = [
+                line.removeprefix("    - ") for line in itertools.takewhile(lambda x: x.startswith("    - "), lines[row + 1 :])
+            ]
+            for reason in (
+                "privileged: every capability and device of the host",
+                "shares the host's pid namespace",
+                f"bind-mounts the host's {engine.socket}",
+                "security_opt seccomp=unconfined turns a protection off",
+                "adds capabilities ['NET_ADMIN'] (the template needs none)",
+                "user 1000:0 runs with group root (0)",
+            ):
+                assert reason in reasons, dangerous.stdout
     finally:
         engine.compose(project, "compose.test.yaml", "down", "--volumes", "--remove-orphans", check=False)
     label = f"label=com.docker.compose.project={model['name']}"

@@ -8,11 +8,26 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import TEMPLATE, TESTS, compose_model, render, run, self_signed_certificate
-from hardening import stack_problems
+from conftest import TEMPLATE, TESTS, compose_model, render, rendered_verify, run, self_signed_certificate
 from nginx_stage import stage
 
+QUESTIONS = yaml.safe_load((TEMPLATE / "copier.yml").read_text())
+
+
+def choices(question: str) -> list[str]:
+    """The values copier.yml offers for a question (its `choices`, a list or a label -> value map)."""
+    offered = QUESTIONS[question]["choices"]
+    return list(offered.values() if isinstance(offered, dict) else offered)
+
+
+def rotate(question: str, i: int) -> str:
+    offered = choices(question)
+    return offered[i % len(offered)]
+
+
+# Valid service sets (celery needs redis); each a subset of copier.yml's choices.
 SERVICE_SETS = [
     [],
     ["postgres"],
@@ -22,34 +37,41 @@ SERVICE_SETS = [
     ["redis", "celery_beat"],
     ["postgres", "redis", "celery_worker", "celery_beat"],
 ]
-PROXY_MODES = ["npm", "nginx-certbot", "none"]
-FRONTENDS = ["spa", "none"]
-UPDATE_BOTS = ["dependabot", "renovate", "none"]
+assert all(set(services) <= set(choices("services")) for services in SERVICE_SETS)
+SKELETON, EXISTING = choices("backend")
 
 
 def topologies() -> list[dict]:
     """Every proxy mode x frontend x service set; other answers rotate through their choices."""
     cases = []
-    for i, (proxy, frontend, services) in enumerate(itertools.product(PROXY_MODES, FRONTENDS, SERVICE_SETS)):
+    axes = itertools.product(choices("proxy_mode"), choices("frontend"), SERVICE_SETS)
+    for i, (proxy, frontend, services) in enumerate(axes):
         data = {
-            "project_name": f"Shop {i}",
+            "project_name": "Shop Demo",
             "proxy_mode": proxy,
             "frontend": frontend,
             "services": services,
-            "backend": "existing" if i % 5 == 4 else "skeleton",
-            "update_bot": UPDATE_BOTS[i % 3],
-            "trivy_severity": ["CRITICAL", "HIGH", "MEDIUM"][i % 3],
+            "backend": EXISTING if i % 5 == 4 else SKELETON,
+            "update_bot": rotate("update_bot", i),
+            "trivy_severity": rotate("trivy_severity", i),
         }
         if "celery_worker" in services:
             data["celery_queues"] = "default,long" if i % 2 else "default"
-        if "postgres" in services and i % 4 == 1:
-            data["postgres_version"] = "18"
+        if "postgres" in services:
+            data["postgres_version"] = "18" if i % 4 == 1 else QUESTIONS["postgres_version"]["default"]
         cases.append(data)
     return cases
 
 
 def case_id(data: dict) -> str:
-    return f"{data['proxy_mode']}-{data['frontend']}-{'+'.join(data['services']) or 'api'}-{data['backend']}"
+    """Every answer the case sets, e.g. npm-spa-postgres+redis-skeleton-dependabot-HIGH-pg18-q2."""
+    parts = [data["proxy_mode"], data["frontend"], "+".join(data["services"]) or "api", data["backend"]]
+    parts += [data["update_bot"], data["trivy_severity"]]
+    if "postgres_version" in data:
+        parts.append(f"pg{data['postgres_version']}")
+    if "celery_queues" in data:
+        parts.append(f"q{len(data['celery_queues'].split(','))}")
+    return "-".join(parts)
 
 
 @pytest.fixture(scope="session")
@@ -112,10 +134,12 @@ def test_topology_renders_hardened_and_valid(data: dict, tmp_path: Path, self_si
     project = render(tmp_path / "project", **data)
     entry = "proxy" if data["proxy_mode"] == "nginx-certbot" else ("frontend" if data["frontend"] == "spa" else "backend")
 
-    # Compose: both stacks resolve and satisfy every hardening rule; the override file merges.
+    # Compose: both stacks resolve and satisfy every hardening rule of the project's own
+    # scripts/verify.py (the rules `make verify` applies to the running containers).
+    verify = rendered_verify(project)
+    assert entry == verify.ENTRY_SERVICE
     for compose_file, test in (("compose.yaml", False), ("compose.test.yaml", True)):
-        model = compose_model(project, compose_file)
-        problems = stack_problems(model, project, test=test, proxy_mode=data["proxy_mode"], entry=entry)
+        problems = verify.config_problems(compose_model(project, compose_file), test=test)
         assert not problems, f"{compose_file}:\n" + "\n".join(problems)
     run("docker-compose", "-f", "compose.yaml", "-f", "compose.override.yaml", "config", "--quiet", cwd=project)
 
