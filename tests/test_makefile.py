@@ -1,0 +1,31 @@
+"""The generated Makefile with the real make and git: image tags follow the repository's version."""
+
+import subprocess
+from pathlib import Path
+
+from conftest import compose_model, render, run
+
+
+def make(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "-s", *args], cwd=project, capture_output=True, text=True)
+
+
+def test_built_images_are_tagged_with_the_repository_version(tmp_path: Path) -> None:
+    project = render(tmp_path / "p", proxy_mode="nginx-certbot")
+    assert make(project, "image-tag").stdout.strip() == "local"  # not a git repository yet
+    images = [s["image"] for s in compose_model(project, "compose.yaml")["services"].values() if "build" in s]
+    assert images and all(image.endswith(":local") for image in images)  # plain `docker compose`: never :latest
+
+    run("git", "init", "-q", cwd=project)
+    run("git", "add", "-A", cwd=project)
+    run("git", "commit", "-qm", "generated", cwd=project)
+    commit = run("git", "rev-parse", "--short", "HEAD", cwd=project).stdout.strip()
+    assert make(project, "image-tag").stdout.strip() == commit
+    run("git", "tag", "release/2.0", cwd=project)
+    assert make(project, "image-tag").stdout.strip() == "release-2.0"
+    (project / "compose.override.yaml").write_text((project / "compose.override.yaml").read_text() + "\n")
+    assert make(project, "image-tag").stdout.strip() == "release-2.0-dirty"
+    assert make(project, "image-tag", "IMAGE_TAG=hotfix1").stdout.strip() == "hotfix1"
+
+    usage = make(project, "rollback")
+    assert usage.returncode != 0 and "usage: make rollback TAG=" in usage.stderr
