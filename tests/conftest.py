@@ -16,8 +16,10 @@ from plumbum import local
 
 TEMPLATE = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-# record_property name of a boot test's `docker stats` table, printed in the terminal summary.
+# record_property names of results printed in the terminal summary: a boot test's `docker stats`
+# table, an independent grader's verdict (tests/test_graders.py).
 IDLE_MEMORY = "idle memory"
+GRADE = "grade"
 
 
 def render(dst: Path, env: dict[str, str] | None = None, tasks: bool = True, **data: object) -> Path:
@@ -143,10 +145,10 @@ def git_identity() -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The boot tests' idle memory tables, shown whatever the capture mode, with or without xdist
-    (record_property travels with the test report from the worker)."""
+    """The boot tests' idle memory tables and the graders' verdicts, shown whatever the capture
+    mode, with or without xdist (record_property travels with the test report from the worker)."""
     for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
         for name, value in report.user_properties:
-            if name == IDLE_MEMORY and report.when == "call":
-                terminalreporter.write_sep("-", f"{IDLE_MEMORY}: {report.nodeid}")
+            if name in (IDLE_MEMORY, GRADE) and report.when == "call":
+                terminalreporter.write_sep("-", f"{name}: {report.nodeid}")
                 terminalreporter.write_line(str(value))

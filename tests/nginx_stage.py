@@ -7,6 +7,7 @@ is otherwise byte for byte what users get. Which files go where under /etc/nginx
 image's Dockerfile (its COPY lines), so a test sees the image's layout, not a copy of it.
 """
 
+import json
 import re
 import shlex
 import shutil
@@ -27,8 +28,8 @@ def substitute(text: str, root: Path, upstreams: dict[str, str], ports: dict[int
     return _LISTEN.sub(lambda m: f"{m.group(1)}127.0.0.1:{ports.get(int(m.group(2)), int(m.group(2)))}", text)
 
 
-def nginx_copies(dockerfile: Path) -> list[tuple[list[str], str]]:
-    """The Dockerfile's COPY instructions from the build context into /etc/nginx: (sources, destination)."""
+def dockerfile_copies(dockerfile: Path) -> list[tuple[list[str], str]]:
+    """The Dockerfile's COPY instructions from the build context: (sources, destination)."""
     copies = []
     for line in dockerfile.read_text().splitlines():
         if not line.startswith("COPY "):
@@ -37,9 +38,13 @@ def nginx_copies(dockerfile: Path) -> list[tuple[list[str], str]]:
         if any(w.startswith("--from=") for w in words):
             continue
         *sources, destination = [w for w in words[1:] if not w.startswith("--")]
-        if destination.startswith(NGINX_DIR):
-            copies.append((sources, destination))
+        copies.append((sources, destination))
     return copies
+
+
+def nginx_copies(dockerfile: Path) -> list[tuple[list[str], str]]:
+    """The Dockerfile's COPY instructions from the build context into /etc/nginx: (sources, destination)."""
+    return [(sources, destination) for sources, destination in dockerfile_copies(dockerfile) if destination.startswith(NGINX_DIR)]
 
 
 def install(context: Path, sources: list[str], destination: Path, into_directory: bool) -> None:
@@ -71,3 +76,28 @@ def stage(
     for name in ("tmp", "etc/letsencrypt", "var/www/certbot", "usr/share/nginx/html", "etc/nginx/locations.d"):
         (root / name).mkdir(parents=True, exist_ok=True)
     return etc / "nginx.conf"
+
+
+def stage_entrypoint(context: Path, image: str, root: Path) -> tuple[Path, dict[str, str]]:
+    """The image's ENTRYPOINT script copied to its place under root, and the environment that
+    points every setting it defaults to a path (`${NAME:-/path}`) at the staged tree: files the
+    Dockerfile copies in are copied there too, container paths are moved under root.
+
+    context, image, root: as for stage()."""
+    dockerfile = context / image / "Dockerfile"
+    copied = {destination: context / sources[0] for sources, destination in dockerfile_copies(dockerfile) if len(sources) == 1}
+
+    def staged_copy(destination: str) -> Path:
+        target = root / destination.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(copied[destination], target))
+
+    exec_form = next(line for line in dockerfile.read_text().splitlines() if line.startswith("ENTRYPOINT "))
+    entrypoint = staged_copy(json.loads(exec_form.removeprefix("ENTRYPOINT "))[0])
+    env = {}
+    for name, path in re.findall(r"\$\{(\w+):-(/[^}]*)\}", entrypoint.read_text()):
+        if path in copied:
+            env[name] = str(staged_copy(path))
+        elif _PATH.match(path):
+            env[name] = _PATH.sub(lambda m: f"{root}{m.group(1)}", path)
+    return entrypoint, env

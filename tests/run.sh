@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 declare -A packages=(
     [nginx]=nginx-light [openssl]=openssl [git]=git [setpriv]=util-linux [curl]=curl
     [docker-registry]=docker-registry [skopeo]=skopeo [redis-server]=redis-server
-    [pebble]=pebble [certbot]=certbot [psql]=postgresql [node]=nodejs
+    [pebble]=pebble [certbot]=certbot [psql]=postgresql [node]=nodejs [npm]=npm
     [dockerd]=docker.io [debootstrap]=debootstrap [iptables]=iptables [pipx]=pipx [age]=age
 )
 missing=()
@@ -31,6 +31,20 @@ fi
 [ -x .venv/bin/python3 ] || python3 -m venv .venv
 .venv/bin/python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 export PATH="$PWD/.venv/bin:$PATH"
+# The MDN HTTP Observatory (npm; versions and hashes locked in tests/graders) in a gitignored
+# cache, reinstalled when the lock file changes. Without its install scripts: they download a CA
+# bundle (the tests trust their own CA), the HSTS preload list and the TLD list, of which the
+# scanner only needs the files (the tests scan one name under .test).
+graders=tests/.cache/graders
+if ! cmp -s tests/graders/package-lock.json "$graders/installed.lock"; then
+    rm -rf "$graders" && mkdir -p "$graders"
+    cp tests/graders/package.json tests/graders/package-lock.json "$graders/"
+    (cd "$graders" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    observatory_conf="$graders/node_modules/@mdn/mdn-http-observatory/conf"
+    echo '{}' >"$observatory_conf/hsts-preload.json"
+    echo '["TEST"]' >"$observatory_conf/tld-list.json"
+    cp tests/graders/package-lock.json "$graders/installed.lock"
+fi
 
 ruff check hooks tests benchmarks
 ruff format --check hooks tests benchmarks

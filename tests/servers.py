@@ -41,10 +41,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def as_unprivileged(command: Sequence[str | Path], groups: Sequence[int] = ()) -> list[str]:
-    """The command, run as nobody with only these supplementary groups, when we are root."""
+def as_unprivileged(command: Sequence[str | Path], groups: Sequence[int] = (), low_ports: bool = False) -> list[str]:
+    """The command, run as nobody with only these supplementary groups, when we are root.
+
+    low_ports: it may also bind ports below 1024, as any user in a container may (Docker sets
+    net.ipv4.ip_unprivileged_port_start=0 there): the capability NET_BIND_SERVICE and no other."""
     membership = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
-    prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", membership] if AS_ROOT else []
+    capability = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"] if low_ports else []
+    prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", membership, *capability] if AS_ROOT else []
     return prefix + [str(c) for c in command]
 
 
