@@ -3,6 +3,8 @@
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from conftest import compose_model, render, run
 
 
@@ -29,3 +31,19 @@ def test_built_images_are_tagged_with_the_repository_version(tmp_path: Path) -> 
 
     usage = make(project, "rollback")
     assert usage.returncode != 0 and "usage: make rollback TAG=" in usage.stderr
+
+
+def test_logs_and_shell_take_one_service(tmp_path: Path) -> None:
+    project = render(tmp_path / "p")
+    assert make(project, "-n", "logs", "SERVICE=backend").stdout.strip().endswith("logs -f --tail=100 backend")
+    assert make(project, "-n", "shell", "SERVICE=backend").stdout.strip().endswith("exec backend sh")
+    usage = make(project, "shell")
+    assert usage.returncode != 0 and "usage: make shell SERVICE=" in usage.stderr
+
+
+def test_security_scan_runs_for_the_default_branch_whatever_its_name(tmp_path: Path) -> None:
+    workflow = yaml.safe_load((render(tmp_path / "p") / ".github/workflows/security-scan.yml").read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert triggers["push"] is None  # no branch list naming "main"
+    condition = "github.event_name != 'push' || github.ref_name == github.event.repository.default_branch"
+    assert all(job["if"] == condition for job in workflow["jobs"].values())
