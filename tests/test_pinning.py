@@ -106,7 +106,7 @@ def test_copy_pins_every_reference_to_its_index_digest(registry: Registry, pin_m
     # Build stages and the project's own images are left alone.
     dockerfile = (project / "backend" / "Dockerfile").read_text()
     assert f"FROM python:3.12-slim@{pushed['python:3.12-slim']} AS build" in dockerfile
-    assert "image: my_app-backend:${IMAGE_TAG:-latest}\n" in (project / "compose.yaml").read_text()
+    assert "image: my_app-backend:${IMAGE_TAG:-local}\n" in (project / "compose.yaml").read_text()
     run("docker-compose", "-f", "compose.yaml", "config", "--quiet", cwd=project)
 
 

@@ -38,7 +38,7 @@ def verify(project: Path) -> ModuleType:
 
 def judge_containers(verify: ModuleType, containers: list[dict], networks: list[dict], *, test: bool = True) -> dict:
     """service -> reasons, as `make test-verify` finds them (the recording is of the test stack)."""
-    own_images = {"verify_demo-backend:latest"}  # what compose.test.yaml builds
+    own_images = {"verify_demo-backend:local"}  # what compose.test.yaml builds
     by_name = {network["Name"]: network for network in networks}
     services = [verify.from_inspect(info, by_name, own_images) for info in containers]
     return {svc.name: verify.problems(svc, test=test, secrets=[SECRET], engine_paths=ENGINE_PATHS) for svc in services}
@@ -368,7 +368,7 @@ def test_recorded_stack_passes(verify: ModuleType) -> None:
 
 
 def test_rendered_model_passes(verify: ModuleType, project: Path) -> None:
-    assert verify.built_images(compose_model(project, "compose.test.yaml")) == {"verify_demo-backend:latest"}
+    assert verify.built_images(compose_model(project, "compose.test.yaml")) == {"verify_demo-backend:local"}
     for compose_file, test in (("compose.test.yaml", True), ("compose.yaml", False)):
         assert verify.config_problems(compose_model(project, compose_file), test=test) == []
 
