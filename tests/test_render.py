@@ -77,7 +77,7 @@ def check_nginx(project: Path, root: Path, domain: str, cert: Path) -> None:
             (active / "http.conf").symlink_to(conf.parent / "modes" / f"{mode}.conf")
             if https:
                 (active / "https.conf").symlink_to(conf.parent / "modes" / "https.conf")
-                shutil.copytree(cert, mode_root / "etc" / "letsencrypt" / "live" / domain)
+                shutil.copytree(cert, mode_root / "etc" / "tls", dirs_exist_ok=True)
             nginx_test(conf)
 
 
