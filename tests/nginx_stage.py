@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 # Paths the rendered configs use inside the container, all moved under the staging root.
-CONTAINER_PATHS = ("/etc/nginx", "/etc/letsencrypt", "/var/www/certbot", "/usr/share/nginx/html", "/tmp")
+CONTAINER_PATHS = ("/etc/nginx", "/etc/tls", "/var/www/certbot", "/usr/share/nginx/html", "/tmp")
 _PATH = re.compile(r"(?<![\w/.-])(" + "|".join(map(re.escape, CONTAINER_PATHS)) + r")(?=[/;\s\"']|$)", re.M)
 _UPSTREAM_SERVER = re.compile(r"^(\s*server\s+)([a-z][a-z0-9_-]*):(\d+)(\s*;)", re.M)
 _LISTEN = re.compile(r"^(\s*listen\s+)(\d+)\b", re.M)
@@ -73,7 +73,7 @@ def stage(
     shutil.copy(SYSTEM_MIME_TYPES, etc / "mime.types")
     for path in etc.rglob("*.conf"):
         path.write_text(substitute(path.read_text(), root, upstreams or {}, ports or {}))
-    for name in ("tmp", "etc/letsencrypt", "var/www/certbot", "usr/share/nginx/html", "etc/nginx/locations.d"):
+    for name in ("tmp", "etc/tls", "var/www/certbot", "usr/share/nginx/html", "etc/nginx/locations.d"):
         (root / name).mkdir(parents=True, exist_ok=True)
     return etc / "nginx.conf"
 
@@ -101,3 +101,11 @@ def stage_entrypoint(context: Path, image: str, root: Path) -> tuple[Path, dict[
         elif _PATH.match(path):
             env[name] = _PATH.sub(lambda m: f"{root}{m.group(1)}", path)
     return entrypoint, env
+
+
+def entrypoint_env(project: Path, root: Path) -> dict[str, str]:
+    """What the nginx images' entrypoints need outside a container: the shared worker-processes
+    script (copied where an unprivileged server can read it) and the tmpfs directory for nginx's
+    generated main-context file (nginx.conf includes <root>/tmp/nginx/workers*.conf once staged)."""
+    script = shutil.copy(project / "nginx" / "worker-processes.sh", root / "nginx-worker-processes.sh")
+    return {"NGINX_WORKERS_SCRIPT": str(script), "NGINX_TMP_DIR": str(root / "tmp" / "nginx")}

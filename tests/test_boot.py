@@ -6,6 +6,7 @@ session; the tests share them through the xdist group "docker" (run with --dist 
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -127,6 +128,20 @@ def check_healthchecks(engine: Engine, project: Path, model: dict) -> None:
     assert not problems, "\n".join(problems)
 
 
+def check_nginx_container(engine: Engine, project: Path, name: str, service: dict) -> None:
+    """nginx cannot change its own configuration: nothing under /etc/nginx is owned by or writable
+    for anyone but root (the base image leaves it to UID 101, group 0, group-writable). And it
+    starts as many workers as the service's CPU limit allows, not one per host CPU."""
+    container = engine.compose(project, "compose.test.yaml", "ps", "--quiet", name).stdout.strip()
+    loose = ["find", "/etc/nginx", "(", "!", "-user", "root", "-o", "!", "-group", "root",
+             "-o", "!", "-type", "l", "-perm", "/022", ")", "-printf", "%u:%g %m %p\\n"]  # fmt: skip
+    assert engine.docker("exec", container, *loose).stdout == "", f"{name}: nginx may change its configuration"
+    # The pattern does not match itself, so grep finds only the workers' command lines.
+    workers = engine.docker("exec", container, "sh", "-c", "grep -l 'nginx: worke[r] process' /proc/[0-9]*/cmdline", check=False)
+    limit = float(service["deploy"]["resources"]["limits"]["cpus"])
+    assert len(workers.stdout.split()) == min(math.ceil(limit), os.cpu_count() or 1), f"{name}: {workers.stdout}"
+
+
 def idle_memory(engine: Engine, project: Path) -> str:
     """`docker stats --no-stream` of the stack at rest: memory (used / limit) and processes per
     container, and the memory of all of them."""
@@ -188,6 +203,9 @@ def test_boot_topology_is_healthy_verified_and_isolated(
             assert write.returncode != 0 and "Read-only file system" in write.stderr, container
         assert no_egress(engine.inspect("network", f"{model['name']}_data")[0])
         check_healthchecks(engine, project, model)
+        for service in ("frontend", "proxy"):
+            if service in model["services"]:
+                check_nginx_container(engine, project, service, model["services"][service])
 
         if answers["proxy_mode"] == "nginx-certbot":
             # The production mode of the proxy before any certificate exists (the test stack runs it
@@ -265,7 +283,8 @@ def test_boot_build_context_of_the_nginx_images_admits_only_what_they_copy(engin
         paths = [p for root in roots for p in ([project / root] if (project / root).is_file() else (project / root).rglob("*"))]
         return {str(p.relative_to(project)) for p in paths if p.is_file()}
 
-    admitted = files("nginx/nginx.conf", "nginx/snippets", "nginx/frontend", "nginx/proxy", "frontend", "proxy")
+    admitted = files("nginx/nginx.conf", "nginx/worker-processes.sh", "nginx/snippets", "nginx/frontend", "nginx/proxy",
+                     "frontend", "proxy")  # fmt: skip
     never = files("secrets", ".git", "nginx/locations.d", "backend", ".env") | set(local_state)
     never |= {"frontend/Dockerfile", "proxy/Dockerfile", "compose.yaml", ".copier-answers.yml"}
     assert received == admitted - never

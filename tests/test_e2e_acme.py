@@ -10,6 +10,7 @@ import json
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from servers import (
 from test_e2e_nginx import SECURITY_HEADERS, fetch, start_backend
 
 from conftest import compose_model, healthcheck_argv, outside_the_image, render, run, self_signed_certificate
-from nginx_stage import stage
+from nginx_stage import entrypoint_env, stage
 
 pytestmark = pytest.mark.e2e
 
@@ -170,15 +171,16 @@ def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
                 upstreams={"backend": f"127.0.0.1:{backend}"},
                 ports={8080: http_port, 8443: https_port},
             )
-            for path in ("tmp", "logs", "etc/letsencrypt", "var/www/certbot"):  # tmpfs and named volumes
+            for path in ("tmp", "logs", "etc/letsencrypt", "etc/tls", "var/www/certbot"):  # tmpfs and named volumes
                 writable_by_server(root / path)
             entrypoint = shutil.copy(project / "proxy" / "docker" / "entrypoint.sh", root / "proxy-entrypoint.sh")
             env = {
                 "PATH": SYSTEM_PATH,
                 "NGINX_DIR": str(root / "etc/nginx"),
                 "NGINX_ACTIVE_DIR": str(root / "tmp/nginx/active"),
-                "LETSENCRYPT_DIR": str(root / "etc/letsencrypt"),
+                "TLS_DIR": str(root / "etc/tls"),
                 "CERT_POLL_SECONDS": "1",
+                **entrypoint_env(project, root),
             }
             nginx = processes.start(
                 as_unprivileged(["sh", entrypoint, "nginx", "-e", "stderr", "-c", conf, "-g", "daemon off;"]),
@@ -202,6 +204,7 @@ def run_certbot(proxy: Proxy, acme: Acme, *extra: str) -> subprocess.CompletedPr
         "CERTBOT_EMAIL": "ops@example.org",
         "CERTBOT_SERVER": acme.directory,
         "CERTBOT_CONFIG_DIR": str(proxy.root / "etc/letsencrypt"),
+        "CERTBOT_TLS_DIR": str(proxy.root / "etc/tls"),
         "CERTBOT_WORK_DIR": str(proxy.root / "tmp/certbot-work"),
         "CERTBOT_LOGS_DIR": str(proxy.root / "tmp/certbot-logs"),
         "CERTBOT_WEBROOT": str(proxy.root / "var/www/certbot"),
@@ -209,6 +212,16 @@ def run_certbot(proxy: Proxy, acme: Acme, *extra: str) -> subprocess.CompletedPr
     }
     command = ["sh", entrypoint] if not extra else ["certbot", *extra]
     return subprocess.run(as_unprivileged(command), env=env, capture_output=True, text=True, timeout=180)
+
+
+def proxy_mounts_no_certbot_state(project: Path) -> bool:
+    """In compose.yaml, the proxy shares with certbot only volumes certbot does not keep its
+    configuration (account key, renewal settings, archive) in, and mounts them read-only."""
+    services = compose_model(project, "compose.yaml")["services"]
+    certbot_dir = services["certbot"]["environment"].get("CERTBOT_CONFIG_DIR", "/etc/letsencrypt")
+    certbot = {v["source"]: v["target"] for v in services["certbot"]["volumes"] if v["type"] == "volume"}
+    proxy = [v for v in services["proxy"]["volumes"] if v["type"] == "volume"]
+    return all(v.get("read_only") and certbot.get(v["source"]) != certbot_dir for v in proxy)
 
 
 def test_acme_proxy_starts_without_certificate_obtains_one_and_follows_renewal(proxy: tuple[Proxy, Processes]) -> None:
@@ -232,6 +245,27 @@ def test_acme_proxy_starts_without_certificate_obtains_one_and_follows_renewal(p
     first = wait_until(lambda: served_certificate(p.https_port), timeout=20)
     assert first is not None, "the proxy never switched to HTTPS"
     assert DOMAIN in str(first.subject) + str(first.extensions)
+
+    # The proxy sees the certificate chain and its key, and nothing else of certbot's: no account
+    # key, no renewal configuration, no archive of past keys.
+    assert proxy_mounts_no_certbot_state(p.project)
+    view = p.root / "etc/tls"  # what the proxy mounts (/etc/tls, read-only)
+    assert sorted(f.name for f in view.iterdir()) == ["fullchain.pem", "privkey.pem"]
+    assert stat.S_IMODE((view / "privkey.pem").stat().st_mode) == 0o600
+    assert first == x509.load_pem_x509_certificate((view / "fullchain.pem").read_bytes())
+
+    # 2b. A project updated from a version without the tls volume: certbot's live/ certificate, an
+    # empty tls volume (the proxy is back to "pending"). certbot's next start fills it from live/,
+    # without a new issuance, and the proxy serves the same certificate again after a reload.
+    for published in view.iterdir():
+        published.unlink()
+    assert wait_until(lambda: served_certificate(p.https_port) is None, timeout=20), "HTTPS stayed up without files"
+    restart = run_certbot(p, acme)
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    again = wait_until(lambda: served_certificate(p.https_port), timeout=20)
+    assert again is not None and again.serial_number == first.serial_number, "not the existing certificate"
+    archive = p.root / "etc/letsencrypt/archive" / DOMAIN
+    assert sorted(f.name for f in archive.glob("cert*.pem")) == ["cert1.pem"], "a new certificate was issued"
 
     # 3. HTTPS serves the app with HSTS; HTTP redirects, except ACME challenges.
     status, headers, body = https_get(p.https_port, "/api/echo")
@@ -290,6 +324,7 @@ def test_acme_proxy_starts_without_certificate_obtains_one_and_follows_renewal(p
         timeout=20,
     )
     assert renewed, "the proxy kept serving the old certificate"
+    assert sorted(f.name for f in view.iterdir()) == ["fullchain.pem", "privkey.pem"]
     assert (p.root / "tmp/nginx.pid").read_text() == master, "nginx was restarted instead of reloaded"
 
 
@@ -331,7 +366,8 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
                 "PROXY_HTTP_ONLY": "1",
                 "NGINX_DIR": str(root / "edge/etc/nginx"),
                 "NGINX_ACTIVE_DIR": str(root / "edge/tmp/nginx/active"),
-                "LETSENCRYPT_DIR": str(root / "edge/etc/letsencrypt"),
+                "TLS_DIR": str(root / "edge/etc/tls"),
+                **entrypoint_env(project, root / "edge"),
             }
             proxy_process = processes.start(
                 as_unprivileged(["sh", entry, "nginx", "-e", "stderr", "-c", edge, "-g", "daemon off;"]),

@@ -4,7 +4,9 @@ import gzip
 import http.client
 import json
 import os
+import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +21,13 @@ from servers import (
     http_status,
     server_root,
     wait_ready,
+    wait_until,
     writable_by_server,
 )
 from websockets.sync.client import connect
 
 from conftest import compose_model, render, run
-from nginx_stage import stage
+from nginx_stage import entrypoint_env, stage
 
 pytestmark = pytest.mark.e2e
 
@@ -104,9 +107,15 @@ class Spa:
 
 
 @pytest.fixture(scope="module")
-def spa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spa]:
+def spa_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = render(tmp_path_factory.mktemp("spa") / "p", frontend="spa", proxy_mode="none", project_name="Nginx Demo")
     run("node", "build.mjs", cwd=project / "frontend")
+    return project
+
+
+@pytest.fixture(scope="module")
+def spa(spa_project: Path) -> Iterator[Spa]:
+    project = spa_project
     processes = Processes()
     with server_root("spa") as base:
         try:
@@ -122,6 +131,7 @@ def spa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spa]:
                 writable_by_server(root / "logs")
                 runtime = str(root / "tmp" / "runtime")
                 env = {"RUNTIME_CONFIG_DIR": runtime, "API_BASE_URL": "/api", "WS_URL": "/ws", "APP_ENV": "e2e"}
+                env |= entrypoint_env(project, root)
                 start_nginx(processes, root, conf, Path(entrypoint), env, port)
                 ports.append(port)
             yield Spa(ports[0], ports[1], base / "live", backend)
@@ -222,3 +232,77 @@ def test_nginx_runs_without_root(spa: Spa) -> None:
     # Everything it wrote is under its tmpfs path.
     written = {p.relative_to(spa.root).parts[0] for p in spa.root.rglob("*") if p.stat().st_uid == NOBODY}
     assert written <= {"tmp", "logs"}
+
+
+# Fake cgroup files (CGROUP_DIR) -> how many nginx workers the entrypoint must start: the CPU
+# limit rounded up, never more than the CPUs this process may use, one when no limit is readable.
+USABLE_CPUS = len(os.sched_getaffinity(0))
+CPU_LIMITS = {
+    "v2-half-a-cpu": ({"cpu.max": "50000 100000\n"}, 1),
+    "v2-one-and-a-half": ({"cpu.max": "150000 100000\n"}, min(2, USABLE_CPUS)),
+    "v2-more-than-usable": ({"cpu.max": f"{(USABLE_CPUS + 2) * 100000} 100000\n"}, USABLE_CPUS),
+    "v2-unlimited": ({"cpu.max": "max 100000\n"}, USABLE_CPUS),
+    "v1-two-cpus": ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, min(2, USABLE_CPUS)),
+    "v1-one-cpu": ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+    "v1-unlimited": ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, USABLE_CPUS),
+    "no-cgroup-files": ({}, 1),
+}
+
+
+def worker_pids(master: int) -> list[int]:
+    """nginx worker processes whose parent is this master."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == master and cmdline.startswith(b"nginx: worker process"):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+@pytest.mark.parametrize("name", CPU_LIMITS)
+def test_nginx_workers_follow_the_container_cpu_and_file_limits(spa_project: Path, name: str) -> None:
+    """The real entrypoint computes worker_processes from (fake) cgroup files; the real nginx
+    includes it and starts that many workers, each with the container's nofile soft limit."""
+    files, expected = CPU_LIMITS[name]
+    ulimit = compose_model(spa_project, "compose.yaml")["services"]["frontend"]["ulimits"]["nofile"]
+    processes = Processes()
+    with server_root("workers") as root:
+        try:
+            for relative, content in files.items():
+                (root / "cgroup" / relative).parent.mkdir(parents=True, exist_ok=True)
+                (root / "cgroup" / relative).write_text(content)
+            port = free_port()
+            conf = stage(spa_project, "frontend", root, upstreams={"backend": f"127.0.0.1:{free_port()}"}, ports={8080: port})
+            writable_by_server(root / "tmp")
+            writable_by_server(root / "logs")
+            entrypoint = shutil.copy(spa_project / "frontend" / "docker" / "entrypoint.sh", root / "entrypoint.sh")
+            env = {"CGROUP_DIR": str(root / "cgroup"), "RUNTIME_CONFIG_DIR": str(root / "tmp" / "runtime")}
+            start_nginx(processes, root, conf, Path(entrypoint), env | entrypoint_env(spa_project, root), port)
+
+            # nginx -t as the server's user, its output in a file that user owns (nginx reopens /dev/stderr).
+            report = root / "logs" / "nginx-t.log"
+            report.touch()
+            writable_by_server(root / "logs")
+            with report.open("w") as out:
+                test = as_unprivileged(["nginx", "-t", "-e", "/dev/stderr", "-c", conf])
+                checked = subprocess.run(test, stdout=out, stderr=out)
+            assert checked.returncode == 0, report.read_text()
+            master = int((root / "tmp" / "nginx.pid").read_text())
+            workers = wait_until(lambda: len(found := worker_pids(master)) == expected and found, timeout=10)
+            assert workers, f"{len(worker_pids(master))} workers started, {expected} wanted"
+            assert all(open_files_limit(pid) == (ulimit["soft"], ulimit["soft"]) for pid in workers)
+            assert (root / "tmp/nginx/workers.conf").read_text() == f"worker_processes {expected};\n"
+            connections = re.search(r"worker_connections (\d+);", conf.read_text())
+            assert connections and 2 * int(connections[1]) <= ulimit["soft"] <= ulimit["hard"]
+        finally:
+            processes.stop_all()

@@ -5,6 +5,7 @@ import itertools
 import json
 import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def check_nginx(project: Path, root: Path, domain: str, cert: Path) -> None:
             (active / "http.conf").symlink_to(conf.parent / "modes" / f"{mode}.conf")
             if https:
                 (active / "https.conf").symlink_to(conf.parent / "modes" / "https.conf")
-                shutil.copytree(cert, mode_root / "etc" / "letsencrypt" / "live" / domain)
+                shutil.copytree(cert, mode_root / "etc" / "tls", dirs_exist_ok=True)
             nginx_test(conf)
 
 
@@ -172,3 +173,26 @@ def test_topology_renders_hardened_and_valid(data: dict, tmp_path: Path, self_si
     assert not identical_files(project)
     for package in project.rglob("package*.json"):
         json.loads(package.read_text())
+
+
+@pytest.mark.parametrize("proxy_mode", PROXY_MODES)
+def test_operations_doc_daemon_json_is_valid_and_matches_the_stack(proxy_mode: str, tmp_path: Path) -> None:
+    """The host hardening section's /etc/docker/daemon.json parses (python -m json.tool), has
+    exactly the documented settings, and its log rotation is the stack's own default."""
+    project = render(tmp_path / "p", proxy_mode=proxy_mode, frontend="spa", tasks=False)
+    doc = (project / "docs" / "OPERATIONS.md").read_text()
+    block = re.search(r"`/etc/docker/daemon\.json`.*?```json\n(.*?)```", doc, re.S)
+    assert block, "no daemon.json block in docs/OPERATIONS.md"
+    daemon_json = tmp_path / "daemon.json"
+    daemon_json.write_text(textwrap.dedent(block[1]))
+    run("python3", "-m", "json.tool", daemon_json)
+    settings = json.loads(daemon_json.read_text())
+    assert settings == {
+        "no-new-privileges": True,
+        "live-restore": True,
+        "log-driver": "json-file",
+        "log-opts": {"max-size": "10m", "max-file": "5"},
+        "userland-proxy": False,
+    }
+    logging = compose_model(project, "compose.yaml")["services"]["backend"]["logging"]
+    assert logging == {"driver": settings["log-driver"], "options": settings["log-opts"]}

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import render
+from nginx_stage import entrypoint_env
 
 
 @pytest.fixture(scope="module")
@@ -14,9 +15,11 @@ def entrypoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start(entrypoint: Path, runtime_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    project = entrypoint.parents[2]
+    nginx = entrypoint_env(project, runtime_dir)
     return subprocess.run(
         ["sh", str(entrypoint), "echo", "started"],
-        env={"PATH": "/usr/bin:/bin", "RUNTIME_CONFIG_DIR": str(runtime_dir), **env},
+        env={"PATH": "/usr/bin:/bin", "RUNTIME_CONFIG_DIR": str(runtime_dir), **nginx, **env},
         capture_output=True,
         text=True,
     )
