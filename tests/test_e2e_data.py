@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 from servers import (
     AS_ROOT,
     NOBODY,
@@ -62,13 +63,14 @@ class RedisServer:
     project: Path
     root: Path
     port: int
-    secret: Path
+    secret: Path  # the application's password (redis_password), as the backend and workers get it
     processes: Processes
 
     def start(self, command_prefix=as_service) -> subprocess.Popen:
         env = {
             "PATH": "/usr/bin:/bin",
             "REDIS_PASSWORD_FILE": str(self.secret),
+            "REDIS_ADMIN_PASSWORD_FILE": str(self.secret.parent / "redis_admin_password"),
             "REDIS_DATA_DIR": str(self.root / "data"),
             "REDIS_PORT": str(self.port),
         }
@@ -77,6 +79,16 @@ class RedisServer:
     @property
     def password(self) -> str:
         return (self.project / "secrets" / "redis_password").read_text()
+
+    def client(self, user: str | None = None, password: str | None = None) -> redis.Redis:
+        """A client of the library the backend uses. Without a user it logs in as the skeleton's
+        settings.py does (`redis://:password@...`: AUTH with the password alone)."""
+        return redis.Redis(
+            port=self.port, username=user, password=password or self.password, socket_timeout=5, decode_responses=True
+        )
+
+    def admin(self) -> redis.Redis:
+        return self.client("admin", (self.project / "secrets" / "redis_admin_password").read_text())
 
 
 @pytest.fixture
@@ -89,7 +101,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
             (root / "data").mkdir()
             if AS_ROOT:
                 os.chown(root / "data", NOBODY, NOBODY)
-            server = RedisServer(project, root, free_port(), copy_secret(project, "redis_password", root), processes)
+            # The secrets Compose gives the redis service, as it mounts them.
+            for secret in compose_model(project, "compose.yaml")["services"]["redis"]["secrets"]:
+                copy_secret(project, secret["source"], root)
+            server = RedisServer(project, root, free_port(), root / "secrets" / "redis_password", processes)
             yield server
         finally:
             processes.stop_all()
@@ -117,10 +132,11 @@ def test_redis_requires_the_secret_password_keeps_it_out_of_argv_and_persists(re
     wrong.write_text("not-the-password")
     assert subprocess.run(check, env={**env, "REDIS_PASSWORD_FILE": str(wrong)}).returncode != 0
 
-    # The password is in no process's argv.
+    # Neither password is in any process's argv.
+    passwords = [path.read_bytes() for path in sorted((r.project / "secrets").glob("redis_*password"))]
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            assert r.password.encode() not in cmdline.read_bytes(), f"password in argv of {cmdline}"
+            assert not any(password in cmdline.read_bytes() for password in passwords), f"password in argv of {cmdline}"
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
 
@@ -141,6 +157,189 @@ def test_redis_fails_closed_when_it_cannot_read_the_secret(redis_server: RedisSe
     assert "cannot read a password" in (redis_server.root / "redis.log").read_text()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", redis_server.port), timeout=1):
         pass
+
+
+# What the application's credentials must not run: each would let a compromised backend or worker
+# wipe, reconfigure, stop, copy away or spy on the whole server, or grant itself more rights.
+DENIED_TO_THE_APP = [
+    ("FLUSHALL",),
+    ("FLUSHDB",),
+    ("CONFIG", "GET", "requirepass"),
+    ("CONFIG", "SET", "dir", "/tmp"),
+    ("DEBUG", "SLEEP", "0"),
+    ("KEYS", "*"),
+    ("INFO",),
+    ("MODULE", "LOAD", "/tmp/module.so"),
+    ("ACL", "SETUSER", "intruder", "on", ">intruder", "+@all"),
+    ("ACL", "LOG"),
+    ("SAVE",),
+    ("BGSAVE",),
+    ("BGREWRITEAOF",),
+    ("REPLICAOF", "127.0.0.1", "1"),
+    ("SLAVEOF", "127.0.0.1", "1"),
+    ("MIGRATE", "127.0.0.1", "1", "survivor", "0", "1000"),
+    ("CLIENT", "LIST"),
+    ("CLIENT", "KILL", "ID", "1"),
+    ("SWAPDB", "0", "1"),
+    ("RESTORE", "restored", "0", "payload"),
+    # Last: where they are allowed, they take over the connection or stop the server.
+    ("MONITOR",),
+    ("SHUTDOWN", "NOSAVE"),
+]
+
+
+def test_redis_app_credentials_are_refused_dangerous_commands_and_admin_keeps_them(redis_server: RedisServer) -> None:
+    r = redis_server
+    process = r.start()
+    wait_ready(process, lambda: redis_answers(r.port))
+    app = r.client()
+    assert app.acl_whoami() == "default"
+    assert app.set("survivor", "still here") and app.ping()
+
+    allowed = []
+    for command in DENIED_TO_THE_APP:
+        try:
+            app.execute_command(*command)
+        except redis.exceptions.NoPermissionError:
+            continue
+        except redis.exceptions.ResponseError as error:
+            # Redis 7 also turns DEBUG and MODULE off for every user (enable-*-command no),
+            # before the ACL is consulted: ACL DRYRUN below shows the ACL refuses them too.
+            if command[0] in ("DEBUG", "MODULE") and "not allowed" in str(error):
+                continue
+        except redis.exceptions.ConnectionError:
+            pass  # SHUTDOWN was obeyed
+        allowed.append(command)
+    assert allowed == []
+    admin = r.admin()
+    assert [c for c in DENIED_TO_THE_APP if "no permissions" not in admin.acl_dryrun("default", *c)] == []
+    # A Lua script runs with its caller's rights: no way around the rules.
+    with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
+        app.eval("return redis.call('FLUSHALL')", 0)
+    assert app.get("survivor") == "still here" and process.poll() is None
+
+    # The operator's admin user has every right, with its own password only.
+    assert admin.acl_whoami() == "admin"
+    assert admin.config_get("appendonly") == {"appendonly": "yes"}
+    assert {entry["object"] for entry in admin.acl_log(count=100)} >= {"flushall", "config|get", "shutdown", "keys"}
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        r.client("admin", r.password).ping()
+
+
+def celery_env(r: RedisServer, **extra: str) -> dict[str, str]:
+    """The backend's environment (REDIS_* as Compose sets them) pointed at this Redis."""
+    return {
+        **os.environ,
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": str(r.port),
+        "REDIS_PASSWORD_FILE": str(r.secret),
+        "SECRET_KEY_FILE": str(r.project / "secrets" / "app_secret_key"),
+        "HOSTNAME": socket.gethostname(),
+        **extra,
+    }
+
+
+def start_celery(r: RedisServer, log: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    """A celery command run from the project's backend directory, as in its image."""
+    command = [sys.executable, "-m", "celery", *args]
+    return r.processes.start(command, r.root / log, cwd=r.project / "backend", env=env)
+
+
+def start_beat(r: RedisServer, app: str, env: dict[str, str]) -> subprocess.Popen:
+    schedule = [f"--schedule={r.root / 'celerybeat-schedule'}", f"--pidfile={r.root / 'celerybeat.pid'}"]
+    return start_celery(r, "beat.log", f"--app={app}", "beat", "--loglevel=INFO", *schedule, env=env)
+
+
+def healthy(r: RedisServer, command: list[str], env: dict[str, str]) -> bool:
+    return subprocess.run(command, cwd=r.project / "backend", env=env, capture_output=True, timeout=60).returncode == 0
+
+
+def test_celery_worker_beat_and_a_task_round_trip_need_nothing_the_app_user_is_denied(redis_server: RedisServer) -> None:
+    """Everything Celery and kombu send with the application's credentials: a worker as Compose
+    runs it (prefork), beat with a schedule, a result fetched by a client, remote control (the
+    worker's healthcheck), revocation and a warm shutdown that hands an unacknowledged task back.
+    Redis's ACL log must record no denial; it does record one, as a control."""
+    r = redis_server
+    process = r.start()
+    wait_ready(process, lambda: redis_answers(r.port))
+    admin = r.admin()
+    admin.acl_log_reset()
+    # beat runs a module that adds a schedule to the skeleton's Celery app.
+    (r.root / "scheduled.py").write_text(
+        "from app.celery_app import celery\n"
+        'celery.conf.beat_schedule = {"answer": {"task": "app.celery_app.add", "schedule": 1.0, "args": (40, 2)}}\n'
+    )
+    env = celery_env(r, PYTHONPATH=str(r.root))
+    worker = start_celery(
+        r,
+        "worker.log",
+        "--app=app.celery_app",
+        "worker",
+        "--queues=default",
+        "--hostname=default@%h",
+        "--loglevel=INFO",
+        "--concurrency=2",
+        env=env,
+    )
+    start_beat(r, "scheduled:celery", env)
+    worker_log = r.root / "worker.log"
+    assert wait_until(lambda: healthy(r, healthcheck_command(r.project, "worker_default"), env), timeout=60), (
+        worker_log.read_text()[-2000:]
+    )
+    assert wait_until(lambda: "succeeded in" in worker_log.read_text() and ": 42" in worker_log.read_text(), timeout=30), (
+        r.root / "beat.log"
+    ).read_text()[-2000:]
+    assert healthy(r, healthcheck_command(r.project, "beat"), env)
+    client = (
+        "from app.celery_app import add, celery\n"
+        "result = add.delay(2, 3)\n"
+        "print(result.get(timeout=30))\n"
+        "result.forget()\n"
+        "celery.control.revoke(add.apply_async((1, 1), countdown=3600).id)\n"  # revoked, kept unacked
+        "add.apply_async((2, 2), countdown=3600)\n"  # held unacknowledged by the worker until it stops
+    )
+    round_trip = subprocess.run(
+        [sys.executable, "-c", client], cwd=r.project / "backend", env=env, capture_output=True, text=True, timeout=60
+    )
+    assert round_trip.stdout.strip() == "5", round_trip.stderr[-2000:]
+    assert wait_until(lambda: worker_log.read_text().count("received") >= 3, timeout=30)
+    r.processes.stop(worker)  # warm shutdown: the held tasks go back to the queue
+
+    assert admin.acl_log(count=100) == [], "Celery needed a command the application's user is denied"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        r.client().flushall()
+    assert [entry["object"] for entry in admin.acl_log(count=100)] == ["flushall"]
+
+
+def test_celery_worker_and_beat_healthchecks_follow_redis(redis_server: RedisServer) -> None:
+    r = redis_server
+    process = r.start()
+    wait_ready(process, lambda: redis_answers(r.port))
+    env = celery_env(r)
+    start_celery(
+        r,
+        "worker.log",
+        "--app=app.celery_app",
+        "worker",
+        "--queues=default",
+        "--hostname=default@%h",
+        "--pool=solo",
+        "--loglevel=INFO",
+        env=env,
+    )
+    start_beat(r, "app.celery_app", env)
+    healthcheck = [sys.executable, str(r.project / "backend" / "docker" / "healthcheck.py")]
+    worker_check = healthcheck_command(r.project, "worker_default")
+    beat_check = healthcheck_command(r.project, "beat")
+
+    assert wait_until(lambda: healthy(r, worker_check, env), timeout=60), (r.root / "worker.log").read_text()[-2000:]
+    assert wait_until(lambda: healthy(r, beat_check, env), timeout=30), (r.root / "beat.log").read_text()[-2000:]
+    assert healthy(r, [*healthcheck, "redis"], env)
+
+    r.processes.stop(process)  # Redis goes down
+    assert not healthy(r, [*healthcheck, "redis"], env)
+    assert not healthy(r, beat_check, env)
+    assert not healthy(r, worker_check, env)
 
 
 @pytest.fixture
@@ -252,64 +451,3 @@ def test_postgres_password_auth_works_with_the_secret_only(postgres: tuple[Path,
     ).stdout.strip()
     via_url = subprocess.run(["psql", url, "-w", "-tAc", "select 1"], capture_output=True, text=True)
     assert via_url.returncode == 0 and via_url.stdout.strip() == "1"
-
-
-def test_celery_worker_and_beat_healthchecks_follow_redis(redis_server: RedisServer) -> None:
-    r = redis_server
-    process = r.start()
-    wait_ready(process, lambda: redis_answers(r.port))
-    backend = r.project / "backend"
-    env = {
-        **os.environ,
-        "REDIS_HOST": "127.0.0.1",
-        "REDIS_PORT": str(r.port),
-        "REDIS_PASSWORD_FILE": str(r.secret),
-        "SECRET_KEY_FILE": str(r.project / "secrets" / "app_secret_key"),
-        "HOSTNAME": socket.gethostname(),
-    }
-    r.processes.start(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "--app=app.celery_app",
-            "worker",
-            "--queues=default",
-            "--hostname=default@%h",
-            "--pool=solo",
-            "--loglevel=INFO",
-        ],
-        r.root / "worker.log",
-        cwd=backend,
-        env=env,
-    )
-    r.processes.start(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "--app=app.celery_app",
-            "beat",
-            "--loglevel=INFO",
-            f"--schedule={r.root / 'celerybeat-schedule'}",
-            f"--pidfile={r.root / 'celerybeat.pid'}",
-        ],
-        r.root / "beat.log",
-        cwd=backend,
-        env=env,
-    )
-    healthcheck = [sys.executable, str(backend / "docker" / "healthcheck.py")]
-    worker_check = healthcheck_command(r.project, "worker_default")
-    beat_check = healthcheck_command(r.project, "beat")
-
-    def healthy(command: list[str]) -> bool:
-        return subprocess.run(command, cwd=backend, env=env, capture_output=True, timeout=60).returncode == 0
-
-    assert wait_until(lambda: healthy(worker_check), timeout=60), (r.root / "worker.log").read_text()[-2000:]
-    assert wait_until(lambda: healthy(beat_check), timeout=30), (r.root / "beat.log").read_text()[-2000:]
-    assert healthy([*healthcheck, "redis"])
-
-    r.processes.stop(process)  # Redis goes down
-    assert not healthy([*healthcheck, "redis"])
-    assert not healthy(beat_check)
-    assert not healthy(worker_check)

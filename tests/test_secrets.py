@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import compose_model, copier_cli, render, run
 
 ALL_SERVICES = ["postgres", "redis", "celery_worker", "celery_beat"]
-NAMES = ["app_secret_key", "postgres_password", "redis_password"]
+NAMES = ["app_secret_key", "postgres_password", "redis_password", "redis_admin_password"]
 
 
 def read_secrets(project: Path) -> dict[str, str]:
@@ -125,7 +125,7 @@ def test_each_service_gets_only_the_secrets_it_reads(tmp_path: Path) -> None:
     given = {name: sorted(s["source"] for s in service.get("secrets") or []) for name, service in services.items()}
     assert given == {
         "postgres": ["postgres_app_password", "postgres_password"],  # the superuser's: nobody else
-        "redis": ["redis_password"],
+        "redis": ["redis_admin_password", "redis_password"],  # the admin user's: nobody else
         "backend": ["app_secret_key", "postgres_app_password", "redis_password"],
         "worker_default": ["postgres_app_password", "redis_password"],
         "beat": ["redis_password"],

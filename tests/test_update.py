@@ -214,3 +214,36 @@ def test_update_from_the_oldest_release_tag_to_head(tmp_path: Path, answers: lis
     assert sorted(expected.keys() - updated.keys()) == [], "missing after the update"
     assert [name for name in expected if updated[name] != expected[name]] == []
     run("docker-compose", "-f", "compose.yaml", "-f", "compose.override.yaml", "config", "--quiet", cwd=project)
+
+
+def test_update_adds_the_redis_admin_secret_and_keeps_the_application_password(tmp_path: Path) -> None:
+    """A project from before the Redis admin user (one Redis secret) updated: the update creates
+    secrets/redis_admin_password for the redis service alone, and the application keeps its
+    password and its own settings.py (which logs in with the password alone, as `default`)."""
+    template, project = tmp_path / "template", tmp_path / "project"
+    release(TEMPLATE, template, "v1.0.0")
+    common = template / "includes" / "common.jinja"
+    today = common.read_text()
+    both = "['redis_password', 'redis_admin_password'] if has_redis"
+    assert both in today
+    common.write_text(today.replace(both, "['redis_password'] if has_redis"))
+    release(template, template, "v1.1.0")
+    copier("copy", "--trust", "--defaults", "--vcs-ref=v1.1.0", "--data=services=[redis]", str(template), str(project))
+    assert not (project / "secrets" / "redis_admin_password").exists()
+    run("git", "init", "-q", cwd=project)
+    commit(project, "generated before the admin user")
+    kept = snapshot(project, ["secrets/redis_password", "backend/app/settings.py"])
+
+    common.write_text(today)
+    release(template, template, "v2.0.0")
+    copier("update", "--trust", "--defaults", "--vcs-ref=v2.0.0", cwd=project)
+    assert_clean_merge(project)
+    assert snapshot(project, list(kept)) == kept
+    admin_password = (project / "secrets" / "redis_admin_password").read_text()
+    assert len(admin_password) >= 43 and admin_password != kept["secrets/redis_password"].decode()
+    services = yaml.safe_load((project / "compose.yaml").read_text())["services"]
+    assert [s if isinstance(s, str) else s["source"] for s in services["redis"]["secrets"]] == [
+        "redis_password",
+        "redis_admin_password",
+    ]
+    assert "redis_admin_password" not in str(services["backend"])

@@ -44,6 +44,8 @@ BAD_ANSWERS = [
     ({"cors_origins": "https://ok.example.org,javascript://x"}, "cors_origins: 'javascript://x' is not an exact origin"),
     ({"postgres_version": "17-alpine"}, "postgres_version: must be a PostgreSQL major version"),
     ({"redis_version": "latest"}, "redis_version: must be a Redis version"),
+    ({"redis_version": "6.2"}, "redis_version: must be a Redis version from 7 on"),
+    ({"redis_version": "6"}, "redis_version: must be a Redis version from 7 on"),
     ({"nginx_version": "1.27;"}, "nginx_version: must be an nginx version"),
     ({"proxy_mode": "traefik"}, "Invalid choice"),
     ({"trivy_severity": "LOW"}, "Invalid choice"),
@@ -68,6 +70,7 @@ def test_good_edge_answers_are_accepted(tmp_path: Path) -> None:
         cors_origins="https://app.example.org,http://localhost:5173",
         services=["redis", "celery_worker"],
         celery_queues="default,long_running,q3",
+        redis_version="8.0",
     )
     assert "worker_long_running:" in (project / "compose.yaml").read_text()
 
