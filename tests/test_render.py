@@ -175,7 +175,7 @@ def test_topology_renders_hardened_and_valid(data: dict, tmp_path: Path, self_si
         json.loads(package.read_text())
 
 
-@pytest.mark.parametrize("proxy_mode", PROXY_MODES)
+@pytest.mark.parametrize("proxy_mode", choices("proxy_mode"))
 def test_operations_doc_daemon_json_is_valid_and_matches_the_stack(proxy_mode: str, tmp_path: Path) -> None:
     """The host hardening section's /etc/docker/daemon.json parses (python -m json.tool), has
     exactly the documented settings, and its log rotation is the stack's own default."""
