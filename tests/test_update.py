@@ -58,8 +58,10 @@ def test_update_v1_v2_v3_keeps_user_work_and_applies_hardening(tmp_path: Path) -
     app_code = main_py.read_text()
 
     # v2: a hardening change (a tighter file-descriptor limit for every service).
-    compose = template / "includes" / "compose.jinja"
-    compose.write_text(compose.read_text().replace("      hard: 8192", "      hard: 4096"))
+    common = template / "includes" / "common.jinja"
+    limits = "{'soft': 4096, 'hard': 8192}"
+    assert limits in common.read_text()
+    common.write_text(common.read_text().replace(limits, "{'soft': 4096, 'hard': 4096}"))
     release(template, template, "v2.0.0")
     result = copier("update", "--trust", "--defaults", "--vcs-ref=v2.0.0", cwd=project)
     assert "Before you deploy" in result.stdout + result.stderr
