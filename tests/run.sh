@@ -32,7 +32,7 @@ fi
 .venv/bin/python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 export PATH="$PWD/.venv/bin:$PATH"
 
-ruff check hooks tests benchmarks
-ruff format --check hooks tests benchmarks
+ruff check hooks tests benchmarks tools
+ruff format --check hooks tests benchmarks tools
 # loadgroup: the boot tests share one Docker engine, so they run in one worker.
 python3 -m pytest -n auto --dist loadgroup "$@"
