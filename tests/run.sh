@@ -46,7 +46,7 @@ if ! cmp -s tests/graders/package-lock.json "$graders/installed.lock"; then
     cp tests/graders/package-lock.json "$graders/installed.lock"
 fi
 
-ruff check hooks tests benchmarks
-ruff format --check hooks tests benchmarks
+ruff check hooks tests benchmarks tools
+ruff format --check hooks tests benchmarks tools
 # loadgroup: the boot tests share one Docker engine, so they run in one worker.
 python3 -m pytest -n auto --dist loadgroup "$@"
