@@ -47,3 +47,13 @@ def test_security_scan_runs_for_the_default_branch_whatever_its_name(tmp_path: P
     assert triggers["push"] is None  # no branch list naming "main"
     condition = "github.event_name != 'push' || github.ref_name == github.event.repository.default_branch"
     assert all(job["if"] == condition for job in workflow["jobs"].values())
+
+
+def test_lock_compiles_with_the_backend_build_image(tmp_path: Path) -> None:
+    """`make lock` runs pip-compile in the backend's build-stage image, as pinned in its Dockerfile
+    (the Dockerfile is the one place scripts/pin_images.py pins it)."""
+    project = render(tmp_path / "p")
+    dockerfile = project / "backend" / "Dockerfile"
+    pinned = "python:3.12-slim@sha256:" + "ab" * 32
+    dockerfile.write_text(dockerfile.read_text().replace("FROM python:3.12-slim AS build", f"FROM {pinned} AS build"))
+    assert f"{pinned} sh -c" in make(project, "-n", "lock").stdout
