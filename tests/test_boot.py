@@ -15,13 +15,14 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from docker_engine import BASE_IMAGE, Engine, build_standins
 from servers import free_port
 
-from conftest import IDLE_MEMORY, healthcheck_argv, render
+from conftest import IDLE_MEMORY, healthcheck_argv, render, rendered_verify
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("docker")]
 
@@ -111,7 +112,10 @@ def check_healthchecks(engine: Engine, project: Path, model: dict) -> None:
     secrets, networks: the broker and database stay reachable) whose main process is a `sleep`.
     The images the project builds declare no healthcheck of their own (one place: Compose)."""
     problems = []  # every service is checked, so one run shows every broken healthcheck
+    one_shot = rendered_verify(project).ONE_SHOT_SERVICES  # they run once and have no healthcheck
     for name, service in model["services"].items():
+        if name in one_shot:
+            continue
         if "build" in service and engine.inspect("image", service["image"])[0]["Config"].get("Healthcheck"):
             problems.append(f"{name}: its image declares a healthcheck too")
         container = engine.compose(project, "compose.test.yaml", "ps", "--quiet", name).stdout.strip()
@@ -156,6 +160,68 @@ def idle_memory(engine: Engine, project: Path) -> str:
     return "\n".join([*lines, f"{'all containers':<44} {used / 2**20:>12.1f}MiB"])
 
 
+# --- Schema migrations: the one-shot migrate service and the Makefile's targets ------------------
+
+
+def make(engine: Engine, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A Makefile target against the test engine; compose targets on the test stack (COMPOSE)."""
+    command = ["make", "-s", *args, "COMPOSE=docker compose -f compose.test.yaml -f compose.override.yaml"]
+    return subprocess.run(command, cwd=project, env=engine.env, capture_output=True, text=True)
+
+
+def check_migrations(engine: Engine, project: Path, model: dict, port: int, *, makemigration: bool) -> None:
+    """migrate ran to completion before the backend started, as the application role, to the head
+    revision; `make migrate` again changes nothing. makemigration: `make makemigration` writes the
+    next revision from a changed model into backend/migrations/versions/, and once the image is
+    rebuilt `make migrate` applies it."""
+
+    def compose(*args: str) -> subprocess.CompletedProcess[str]:
+        return engine.compose(project, "compose.test.yaml", *args, HTTP_PORT=str(port))
+
+    def as_superuser(statement: str) -> str:
+        password = 'PGPASSWORD="$(cat "$POSTGRES_PASSWORD_FILE")"'
+        login = f'{password} psql -X -qtA -h 127.0.0.1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c "$0"'
+        return compose("exec", "-T", "postgres", "sh", "-c", login, statement).stdout.strip()
+
+    def alembic_current() -> str:
+        return compose("run", "--rm", "--no-deps", "migrate", "alembic", "current").stdout.strip()
+
+    (migrate,) = engine.inspect("container", *compose("ps", "--all", "--quiet", "migrate").stdout.split())
+    (backend,) = engine.inspect("container", *compose("ps", "--quiet", "backend").stdout.split())
+    assert (migrate["State"]["Status"], migrate["State"]["ExitCode"]) == ("exited", 0)
+    finished = datetime.fromisoformat(migrate["State"]["FinishedAt"])
+    assert finished <= datetime.fromisoformat(backend["State"]["StartedAt"]), "the backend started before migrate ended"
+    # Only the secret it needs; no superuser password.
+    assert [m["Destination"] for m in migrate["Mounts"] if m["Destination"].startswith("/run/secrets/")] == [
+        "/run/secrets/postgres_app_password"
+    ]
+    app_user = model["services"]["backend"]["environment"]["POSTGRES_USER"]
+    assert as_superuser("select tableowner from pg_tables where tablename = 'notes'") == app_user
+    assert alembic_current() == "0001 (head)"
+
+    # Running the migrations again (make migrate) is a no-op: same revision, data kept.
+    as_superuser("insert into notes (body) values ('kept')")
+    again = make(engine, project, "migrate")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Running upgrade" not in again.stderr
+    assert as_superuser("select body from notes") == "kept" and alembic_current() == "0001 (head)"
+
+    if makemigration:
+        models = project / "backend" / "app" / "models.py"
+        models.write_text(models.read_text() + "    title: Mapped[str | None] = mapped_column(Text)\n")
+        written = make(engine, project, "makemigration", "MESSAGE=add title")
+        assert written.returncode == 0, written.stdout + written.stderr
+        (revision,) = (project / "backend" / "migrations" / "versions").glob("*_add_title.py")
+        assert revision.stat().st_uid == os.getuid()
+        assert "op.add_column('notes', sa.Column('title', sa.Text(), nullable=True))" in revision.read_text()
+        head = re.search(r"^revision: str = '(\w+)'$", revision.read_text(), re.MULTILINE)[1]
+        engine.build(model["services"]["backend"]["image"], project / "backend")
+        applied = make(engine, project, "migrate")
+        assert applied.returncode == 0 and "Running upgrade 0001 -> " in applied.stderr, applied.stdout + applied.stderr
+        assert alembic_current() == f"{head} (head)"
+        assert as_superuser("select title is null from notes where body = 'kept'") == "t"
+
+
 @pytest.mark.parametrize("name", TOPOLOGIES)
 def test_boot_topology_is_healthy_verified_and_isolated(
     engine: Engine, tmp_path: Path, name: str, record_property: Callable[[str, object], None]
@@ -196,8 +262,11 @@ def test_boot_topology_is_healthy_verified_and_isolated(
             status, page = http(port, "/")
             assert status == 200 and b"Boot Demo" in page
 
+        check_migrations(engine, project, model, port, makemigration=name.startswith("none"))
+
+        # Every service runs, but the one-shots, which exited 0 (checked by verify above).
         containers = engine.compose(project, "compose.test.yaml", "ps", "--quiet").stdout.split()
-        assert len(containers) == len(model["services"])
+        assert len(containers) == len(set(model["services"]) - rendered_verify(project).ONE_SHOT_SERVICES)
         for container in containers:
             write = engine.docker("exec", container, "sh", "-c", "touch /hardened-compose-probe", check=False)
             assert write.returncode != 0 and "Read-only file system" in write.stderr, container
