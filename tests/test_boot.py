@@ -163,6 +163,15 @@ def idle_memory(engine: Engine, project: Path) -> str:
 # --- Schema migrations: the one-shot migrate service and the Makefile's targets ------------------
 
 
+def superuser_sql(engine: Engine, project: Path, statement: str, **env: str) -> str:
+    """One SQL statement as the database superuser, in the test stack's postgres container."""
+    password = 'PGPASSWORD="$(cat "$POSTGRES_PASSWORD_FILE")"'
+    login = f'{password} psql -X -qtA -h 127.0.0.1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c "$0"'
+    return engine.compose(
+        project, "compose.test.yaml", "exec", "-T", "postgres", "sh", "-c", login, statement, **env
+    ).stdout.strip()
+
+
 def make(engine: Engine, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """A Makefile target against the test engine; compose targets on the test stack (COMPOSE)."""
     command = ["make", "-s", *args, "COMPOSE=docker compose -f compose.test.yaml -f compose.override.yaml"]
@@ -179,9 +188,7 @@ def check_migrations(engine: Engine, project: Path, model: dict, port: int, *, m
         return engine.compose(project, "compose.test.yaml", *args, HTTP_PORT=str(port))
 
     def as_superuser(statement: str) -> str:
-        password = 'PGPASSWORD="$(cat "$POSTGRES_PASSWORD_FILE")"'
-        login = f'{password} psql -X -qtA -h 127.0.0.1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c "$0"'
-        return compose("exec", "-T", "postgres", "sh", "-c", login, statement).stdout.strip()
+        return superuser_sql(engine, project, statement, HTTP_PORT=str(port))
 
     def alembic_current() -> str:
         return compose("run", "--rm", "--no-deps", "migrate", "alembic", "current").stdout.strip()
@@ -487,5 +494,36 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
         rotate("app_secret_key")
         assert http(port, "/api/health") == (200, b'{"status":"ok"}')
         assert not list((project / "secrets").glob(".*.previous"))
+    finally:
+        compose("down", "--volumes", check=False)
+
+
+def test_boot_failed_migration_starts_no_backend_and_leaves_no_trace(engine: Engine, tmp_path: Path) -> None:
+    """A migration that fails on the first start: `up` fails naming migrate, migrate exited
+    non-zero with the database's reason in its log, the backend was never started, and the
+    pending migrations rolled back together (PostgreSQL's DDL is transactional)."""
+    project = render(
+        tmp_path / "p", project_name="Migrate Demo", services=["postgres"], frontend="none", proxy_mode="none", **COMMON
+    )
+    broken = 'revision = "0002"\ndown_revision = "0001"\n\n\ndef upgrade() -> None:\n    op.execute("select 1/0")\n'
+    versions = project / "backend" / "migrations" / "versions"
+    (versions / "0002_broken.py").write_text("from alembic import op\n\n" + broken)
+    model = json.loads(engine.compose(project, "compose.test.yaml", "config", "--format", "json").stdout)
+    engine.build(model["services"]["backend"]["image"], project / "backend")
+    port = free_port()
+
+    def compose(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return engine.compose(project, "compose.test.yaml", *args, check=check, HTTP_PORT=str(port))
+
+    try:
+        failed = compose("up", "--detach", "--wait", "--no-build", check=False)
+        assert failed.returncode != 0 and "migrate" in failed.stderr, failed.stderr
+        (migrate,) = engine.inspect("container", *compose("ps", "--all", "--quiet", "migrate").stdout.split())
+        assert migrate["State"]["Status"] == "exited" and migrate["State"]["ExitCode"] != 0
+        assert "division by zero" in compose("logs", "migrate").stdout
+        for container in compose("ps", "--all", "--quiet", "backend").stdout.split():
+            (backend,) = engine.inspect("container", container)
+            assert backend["State"]["StartedAt"].startswith("0001-01-01"), "the backend started on an unmigrated schema"
+        assert superuser_sql(engine, project, "select count(*) from pg_tables where schemaname = 'public'") == "0"
     finally:
         compose("down", "--volumes", check=False)
