@@ -174,7 +174,8 @@ def superuser_sql(engine: Engine, project: Path, statement: str, **env: str) -> 
 
 def make(engine: Engine, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """A Makefile target against the test engine; compose targets on the test stack (COMPOSE)."""
-    command = ["make", "-s", *args, "COMPOSE=docker compose -f compose.test.yaml -f compose.override.yaml"]
+    test_stack = " ".join(f"-f {name}" for name in rendered_verify(project).COMPOSE_FILES["test"])
+    command = ["make", "-s", *args, f"COMPOSE=docker compose {test_stack}"]
     return subprocess.run(command, cwd=project, env=engine.env, capture_output=True, text=True)
 
 
