@@ -470,7 +470,7 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
             psql(
                 "POSTGRES_APP_USER",
                 secret("postgres_app_password"),
-                "create table notes (body text); insert into notes values ('kept')",
+                "insert into notes (body) values ('kept')",  # the first migration's table
             ).returncode
             == 0
         )
