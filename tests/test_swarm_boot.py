@@ -17,9 +17,9 @@ from conftest import COST
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("swarm")]
 
-# What the nodes' /etc/docker/daemon.json holds: Swarm drops a service's security_opt, so the
-# engine gives every container no-new-privileges.
-NODE_DAEMON_CONFIG = {"no-new-privileges": True}
+# The nodes' /etc/docker/daemon.json as docs/SWARM.md's node set-up writes it: Swarm drops a
+# service's security_opt, so the engine gives every container no-new-privileges.
+NODE_DAEMON_CONFIG = {"no-new-privileges": True, "log-driver": "json-file", "log-opts": {"max-size": "10m", "max-file": "5"}}
 # The stand-ins that run on the nodes (node:22-alpine only builds the SPA, on the builder).
 RUNTIME_IMAGES = [tag for name, tag in STANDIN_TAGS.items() if name != "node"]
 COSTS: dict[str, float] = {}  # seconds per phase, printed in the terminal summary
