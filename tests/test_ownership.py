@@ -31,6 +31,9 @@ HEAD_LINES = 5
 
 
 def choices(question: str) -> list:
+    """A question's values: its `choices` (a list or a label -> value map), or yes and no."""
+    if CONFIG[question].get("type") == "bool":
+        return [True, False]
     listed = CONFIG[question]["choices"]
     return list(listed.values()) if isinstance(listed, dict) else list(listed)
 
@@ -43,8 +46,10 @@ EVERYTHING_ON = {
     "services": choices("services"),
     "update_bot": "renovate",
     "trivy_severity": CONFIG["trivy_severity"]["default"],
+    "letsencrypt_staging": True,
+    "swarm": True,
 }
-CHOICE_QUESTIONS = [name for name, q in CONFIG.items() if isinstance(q, dict) and "choices" in q]
+CHOICE_QUESTIONS = [name for name, q in CONFIG.items() if isinstance(q, dict) and ("choices" in q or q.get("type") == "bool")]
 
 
 def answer_changes() -> list[tuple[str, object]]:
