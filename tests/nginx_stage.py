@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 # Paths the rendered configs use inside the container, all moved under the staging root.
@@ -104,8 +105,18 @@ def stage_entrypoint(context: Path, image: str, root: Path) -> tuple[Path, dict[
 
 
 def entrypoint_env(project: Path, root: Path) -> dict[str, str]:
-    """What the nginx images' entrypoints need outside a container: the shared worker-processes
-    script (copied where an unprivileged server can read it) and the tmpfs directory for nginx's
-    generated main-context file (nginx.conf includes <root>/tmp/nginx/workers*.conf once staged)."""
-    script = shutil.copy(project / "nginx" / "worker-processes.sh", root / "nginx-worker-processes.sh")
-    return {"NGINX_WORKERS_SCRIPT": str(script), "NGINX_TMP_DIR": str(root / "tmp" / "nginx")}
+    """What the nginx images' entrypoints need outside a container: the shared runtime-settings
+    script (copied where an unprivileged server can read it) and the tmpfs directory for the files
+    it writes (nginx.conf includes <root>/tmp/nginx/workers*.conf and the rate limit once staged)."""
+    script = shutil.copy(project / "nginx" / "runtime-settings.sh", root / "nginx-runtime-settings.sh")
+    return {"NGINX_SETTINGS_SCRIPT": str(script), "NGINX_TMP_DIR": str(root / "tmp" / "nginx")}
+
+
+def build_spa(project: Path) -> Path:
+    """Build the SPA as its image does: the build stage's last RUN (the build, then the gzip copies)
+    run in frontend/ (the stage's WORKDIR, holding what `COPY frontend/ ./` copied). Returns dist/."""
+    dockerfile = (project / "frontend" / "Dockerfile").read_text()
+    build_stage = dockerfile.split("\nFROM ")[1]
+    command = [line for line in build_stage.splitlines() if line.startswith("RUN ")][-1].removeprefix("RUN ")
+    subprocess.run(["sh", "-c", command], cwd=project / "frontend", check=True, capture_output=True)
+    return project / "frontend" / "dist"
