@@ -3,7 +3,6 @@
 import http.client
 import json
 import os
-import re
 import sys
 import time
 import urllib.request
@@ -15,7 +14,7 @@ from servers import Processes, free_port, http_status, server_root, wait_ready, 
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import render
+from conftest import backend_command, render
 
 pytestmark = pytest.mark.e2e
 
@@ -68,18 +67,6 @@ def test_websocket_refuses_pages_of_other_origins(backend: tuple[str, int]) -> N
             assert socket.recv(timeout=5) == "hello"
 
 
-def image_command(project: Path, port: int) -> list[str]:
-    """The backend image's CMD, run here: on 127.0.0.1:port, with the scripts the image copies
-    from the project and the tests' own uvicorn."""
-    dockerfile = (project / "backend" / "Dockerfile").read_text()
-    command = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("CMD ")).removeprefix("CMD "))
-    copied = dict(re.findall(r"^COPY (docker/\S+) (/usr/local/bin/\S+)$", dockerfile, re.M))
-    script = command[-1].replace("--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {port}")
-    for source, target in copied.items():
-        script = script.replace(target, str(project / "backend" / source))
-    return [*command[:-1], script]
-
-
 # Fake cgroup files, WEB_CONCURRENCY -> uvicorn worker processes the image's command starts.
 USABLE_CPUS = len(os.sched_getaffinity(0))
 WORKERS = {
@@ -107,7 +94,7 @@ def test_image_command_starts_workers_for_the_cpu_limit_and_outlives_nginx_keepa
             if web_concurrency:
                 env["WEB_CONCURRENCY"] = web_concurrency
             log = root / "uvicorn.log"
-            process = processes.start(image_command(project, port), log, cwd=project / "backend", env=env)
+            process = processes.start(backend_command(project, port), log, cwd=project / "backend", env=env)
             wait_ready(process, lambda: log.read_text().count("Application startup complete") == expected)
             assert wait_until(lambda: log.read_text().count("Started server process") == expected, timeout=5)
             if case != "one-cpu":
@@ -129,7 +116,9 @@ def test_image_command_refuses_a_bad_web_concurrency(project: Path) -> None:
     with server_root("workers") as root:
         processes = Processes()
         try:
-            process = processes.start(image_command(project, free_port()), root / "uvicorn.log", cwd=project / "backend", env=env)
+            process = processes.start(
+                backend_command(project, free_port()), root / "uvicorn.log", cwd=project / "backend", env=env
+            )
             assert process.wait(timeout=20) != 0
             assert "WEB_CONCURRENCY must be a whole number from 1" in (root / "uvicorn.log").read_text()
         finally:
