@@ -18,9 +18,10 @@ from plumbum import local
 TEMPLATE = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # record_property names of results printed in the terminal summary: a boot test's `docker stats`
-# table, an independent grader's verdict (tests/test_graders.py).
+# table, an independent grader's verdict (tests/test_graders.py), what the Swarm tests cost.
 IDLE_MEMORY = "idle memory"
 GRADE = "grade"
+COST = "seconds per phase"
 
 
 def render(dst: Path, env: dict[str, str] | None = None, tasks: bool = True, **data: object) -> Path:
@@ -32,6 +33,8 @@ def render(dst: Path, env: dict[str, str] | None = None, tasks: bool = True, **d
     the template's files only (no secrets, no pinning)."""
     with warnings.catch_warnings(), local.env(**{"HARDENED_COMPOSE_PIN": "off", **(env or {})}):
         warnings.filterwarnings("ignore", message="Dirty template changes included automatically")
+        # A first copy: copier.yml's generated_before looks for the destination's answers file.
+        warnings.filterwarnings("ignore", message="File not found; returning empty dict")
         run_copy(str(TEMPLATE), dst, data=data, defaults=True, unsafe=True, quiet=True, vcs_ref="HEAD", skip_tasks=not tasks)
     return dst
 
@@ -158,10 +161,10 @@ def git_identity() -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The boot tests' idle memory tables and the graders' verdicts, shown whatever the capture
+    """The boot tests' idle memory tables, the graders' verdicts and the Swarm tests' costs, shown whatever the capture
     mode, with or without xdist (record_property travels with the test report from the worker)."""
     for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
         for name, value in report.user_properties:
-            if name in (IDLE_MEMORY, GRADE) and report.when == "call":
+            if name in (IDLE_MEMORY, GRADE, COST) and report.when == "call":
                 terminalreporter.write_sep("-", f"{name}: {report.nodeid}")
                 terminalreporter.write_line(str(value))

@@ -104,14 +104,6 @@ def stage_entrypoint(context: Path, image: str, root: Path) -> tuple[Path, dict[
     return entrypoint, env
 
 
-def entrypoint_env(project: Path, root: Path) -> dict[str, str]:
-    """What the nginx images' entrypoints need outside a container: the shared runtime-settings
-    script (copied where an unprivileged server can read it) and the tmpfs directory for the files
-    it writes (nginx.conf includes <root>/tmp/nginx/workers*.conf and the rate limit once staged)."""
-    script = shutil.copy(project / "nginx" / "runtime-settings.sh", root / "nginx-runtime-settings.sh")
-    return {"NGINX_SETTINGS_SCRIPT": str(script), "NGINX_TMP_DIR": str(root / "tmp" / "nginx")}
-
-
 def build_spa(project: Path) -> Path:
     """Build the SPA as its image does: the build stage's last RUN (the build, then the gzip copies)
     run in frontend/ (the stage's WORKDIR, holding what `COPY frontend/ ./` copied). Returns dist/."""

@@ -19,7 +19,8 @@ import yaml
 from conftest import TEMPLATE, commit, copier, release, render, run
 
 CONFIG = yaml.safe_load((TEMPLATE / "copier.yml").read_text())
-USER_OWNED: list[str] = CONFIG["_skip_if_exists"]
+# The paths, not the first-copy rule (a Jinja expression; tests/test_existing_repo.py covers it).
+USER_OWNED: list[str] = [pattern for pattern in CONFIG["_skip_if_exists"] if "{{" not in pattern]
 # Copier matches _skip_if_exists the way git matches .gitignore lines.
 IS_USER_OWNED = pathspec.PathSpec.from_lines("gitignore", USER_OWNED).match_file
 MANAGED = "Managed by hardened-compose: `copier update` rewrites this file"
@@ -31,6 +32,9 @@ HEAD_LINES = 5
 
 
 def choices(question: str) -> list:
+    """A question's values: its `choices` (a list or a label -> value map), or yes and no."""
+    if CONFIG[question].get("type") == "bool":
+        return [True, False]
     listed = CONFIG[question]["choices"]
     return list(listed.values()) if isinstance(listed, dict) else list(listed)
 
@@ -43,8 +47,15 @@ EVERYTHING_ON = {
     "services": choices("services"),
     "update_bot": "renovate",
     "trivy_severity": CONFIG["trivy_severity"]["default"],
+    "letsencrypt_staging": True,
+    "swarm": True,
 }
-CHOICE_QUESTIONS = [name for name, q in CONFIG.items() if isinstance(q, dict) and "choices" in q]
+# Questions with choices, and yes/no questions a user is asked (not the computed ones).
+CHOICE_QUESTIONS = [
+    name
+    for name, q in CONFIG.items()
+    if isinstance(q, dict) and ("choices" in q or (q.get("type") == "bool" and q.get("ask", True) is not False))
+]
 
 
 def answer_changes() -> list[tuple[str, object]]:
