@@ -175,7 +175,7 @@ def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
                 writable_by_server(root / path)
             entrypoint, staged = stage_entrypoint(project, "proxy", root)
             env = {
-                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_WORKERS_SCRIPT under root
+                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_SETTINGS_SCRIPT under root
                 "PATH": SYSTEM_PATH,
                 "NGINX_ACTIVE_DIR": str(root / "tmp/nginx/active"),
                 "CERT_POLL_SECONDS": "1",
@@ -361,7 +361,7 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
             )
             env = {
                 **base,
-                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_WORKERS_SCRIPT under root/edge
+                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_SETTINGS_SCRIPT under root/edge
                 "PROXY_HTTP_ONLY": "1",
                 "NGINX_ACTIVE_DIR": str(root / "edge/tmp/nginx/active"),
             }
