@@ -58,6 +58,8 @@ def topologies() -> list[dict]:
         }
         if "celery_worker" in services:
             data["celery_queues"] = "default,long" if i % 2 else "default"
+        if i % 3 == 1:
+            data["extra_domains"] = "www.app.example.org,app.example.net"
         if "postgres" in services:
             data["postgres_version"] = "18" if i % 4 == 1 else QUESTIONS["postgres_version"]["default"]
         cases.append(data)
@@ -72,6 +74,8 @@ def case_id(data: dict) -> str:
         parts.append(f"pg{data['postgres_version']}")
     if "celery_queues" in data:
         parts.append(f"q{len(data['celery_queues'].split(','))}")
+    if "extra_domains" in data:
+        parts.append("names")
     return "-".join(parts)
 
 

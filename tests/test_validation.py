@@ -20,6 +20,17 @@ BAD_ANSWERS = [
     ({"domain": "Example.ORG"}, "domain: must be a lowercase fully-qualified"),
     ({"domain": "*.example.org"}, "domain: must be a lowercase fully-qualified"),
     ({"domain": "-bad.example.org"}, "domain: must be a lowercase fully-qualified"),
+    ({"extra_domains": "www.app.example.org; return 200"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "www.app.example.org\nserver_name evil.org"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "www.app.example.org, app.example.net"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "www.app.example.org,"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "*.app.example.org"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "WWW.app.example.org"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "$(reboot).example.org"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "localhost"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "www.app.example.org,app.example.org"}, "extra_domains: app.example.org is the domain itself"),
+    ({"extra_domains": "a.example.org,b.example.org,a.example.org"}, "extra_domains: each name may appear only once"),
+    ({"extra_domains": ",".join(f"n{i}.example.org" for i in range(21))}, "extra_domains: at most 20 names"),
     ({"email": "Admin <admin@example.org>"}, "email: must be a plain address"),
     ({"email": "admin@example.org\nBcc: x@y.org"}, "email: must be a plain address"),
     ({"email": "admin"}, "email: must be a plain address"),
@@ -66,6 +77,7 @@ def test_good_edge_answers_are_accepted(tmp_path: Path) -> None:
         tmp_path / "project",
         project_name="A.b_c-d 1",
         domain="xn--bcher-kva.example.co.uk",
+        extra_domains="www.xn--bcher-kva.example.co.uk,example-2.org",
         email="ops+alerts@example.org",
         cors_origins="https://app.example.org,http://localhost:5173",
         services=["redis", "celery_worker"],
@@ -73,6 +85,7 @@ def test_good_edge_answers_are_accepted(tmp_path: Path) -> None:
         redis_version="8.0",
     )
     assert "worker_long_running:" in (project / "compose.yaml").read_text()
+    assert (project / ".copier-answers.yml").read_text().count("www.xn--bcher-kva.example.co.uk,example-2.org") == 1
 
 
 def test_answers_that_look_like_yaml_syntax_stay_strings(tmp_path: Path) -> None:
