@@ -18,7 +18,9 @@ import yaml
 from packaging.version import Version
 
 TABLE = Path(__file__).with_name("migrations.yml")
-USER_OWNED: list[str] = yaml.safe_load(Path(__file__).parents[1].joinpath("copier.yml").read_text())["_skip_if_exists"]
+SKIP_IF_EXISTS: list[str] = yaml.safe_load(Path(__file__).parents[1].joinpath("copier.yml").read_text())["_skip_if_exists"]
+# The paths only, not the first-copy rule (a Jinja expression).
+USER_OWNED = [pattern for pattern in SKIP_IF_EXISTS if "{{" not in pattern]
 
 
 def applicable(entries: list[dict], stage: str, old: Version, new: Version) -> list[dict]:

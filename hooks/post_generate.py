@@ -1,14 +1,33 @@
 """Post-generation task, run by Copier (`_tasks`) inside the generated project.
 
-Runs inside Copier's own Python: standard library (and Copier's PyYAML) only. It must never lose
-a project: problems become warnings and the task still succeeds. The work itself is done by the
-project's own scripts, the same ones `make secrets` and `make pin` run.
+Runs inside Copier's own Python: standard library (and Copier's PyYAML and Jinja2) only. It must
+never lose a project: problems become warnings and the task still succeeds. The work itself is
+done by the project's own scripts, the same ones `make secrets` and `make pin` run. It also says
+which files of an existing repository the first copy kept (copier.yml's first-copy rule), and, for
+an existing app (backend=existing), what the app still lacks to meet the contract of
+docs/OPERATIONS.md#your-application.
 """
 
+import fnmatch
 import os
+import re
 import runpy
 import sys
 from pathlib import Path
+
+import jinja2
+import yaml
+
+TEMPLATE_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((TEMPLATE_ROOT / "copier.yml").read_text())
+ANSWERS_FILE = CONFIG["_answers_file"]
+# What the first lines of every rendered file say (includes/common.jinja's owned() and yours()).
+HEADERS = ("Managed by hardened-compose", "Yours: `copier update`")
+HEADER_LINES = 5
+# Files without a header: JSON has no comments; Copier writes the answers file itself.
+WITHOUT_HEADER = (".json", ANSWERS_FILE)
+# A requirement line for a distribution (PEP 503 names compare case-insensitively, - _ . alike).
+REQUIREMENT = r"^\s*{}\s*(\[[^\]]*\])?\s*(==|>=|~=|<|>|!=|@|;|\\|$)"
 
 
 def run_project_script(project: Path, name: str, function: str, *args: object) -> None:
@@ -18,12 +37,130 @@ def run_project_script(project: Path, name: str, function: str, *args: object) -
         print(f"WARNING: scripts/{name} failed ({exc}); run it again in the project.", file=sys.stderr)
 
 
+def rendered_paths(answers: dict) -> list[str]:
+    """The project paths the template renders for these answers (file names only need the answers)."""
+    source = TEMPLATE_ROOT / CONFIG["_subdirectory"]
+    context = {**answers, "_copier_conf": {"answers_file": ANSWERS_FILE}}
+    names = []
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:  # Copier never renders those
+            parts = [jinja2.Template(part).render(context) for part in path.relative_to(source).parts]
+            if all(parts):  # a part that renders empty is not rendered at all
+                names.append("/".join(parts).removesuffix(CONFIG["_templates_suffix"]))
+    return names
+
+
+def kept_files(project: Path, answers: dict) -> list[str]:
+    """Rendered paths holding a file the template did not write: they were there before the copy
+    (or the user said no to "Overwrite?"), since every file the template writes has its header."""
+    kept = []
+    for name in rendered_paths(answers):
+        path = project / name
+        if name.endswith(WITHOUT_HEADER) or not path.is_file():
+            continue
+        head = "\n".join(path.read_text(errors="replace").splitlines()[:HEADER_LINES])
+        if not any(header in head for header in HEADERS):
+            kept.append(name)
+    return kept
+
+
+def user_owned(name: str) -> bool:
+    """Whether copier.yml's _skip_if_exists makes name the user's (its patterns are simple globs)."""
+    return any(
+        name.startswith(pattern.removesuffix("**")) if pattern.endswith("/**") else fnmatch.fnmatchcase(name, pattern)
+        for pattern in CONFIG["_skip_if_exists"]
+        if "{{" not in pattern  # the first-copy rule, not a path
+    )
+
+
+def report_kept(project: Path, answers: dict) -> None:
+    kept = kept_files(project, answers)
+    for name in filter(user_owned, kept):
+        print(f"KEPT {name}: yours, as it was (the template's starting version was not written).", file=sys.stderr)
+    managed = [name for name in kept if not user_owned(name)]
+    if not managed:
+        return
+    for name in managed:
+        print(f"KEPT {name}: it was here before, so the template's {name} was not written.", file=sys.stderr)
+    advice = [
+        "Those files are untouched, but the stack needs the template's versions (they are managed: "
+        "docs/OPERATIONS.md#customizing).",
+        "Merge them: `copier recopy --trust --defaults` in a terminal asks 'Overwrite <file>?' for each file;",
+        "answer y to take the template's version (keep a copy of yours first), n to keep yours.",
+        "A managed file you keep is your local change to it: `copier update` merges template changes into it.",
+    ]
+    if ".gitignore" in kept:
+        advice.append("Your .gitignore was kept: add `/.env` and `/backups/` to it (secrets/ has its own .gitignore).")
+    if answers.get("backend") == "skeleton" and any(name.startswith("backend/app/") for name in kept):
+        advice.append("backend/ holds your own app: to render the infrastructure only, `copier recopy --trust "
+                      "--defaults --data backend=existing` (docs/OPERATIONS.md#your-application).")  # fmt: skip
+    print("\n".join(advice), file=sys.stderr)
+
+
+def module_file(backend: Path, dotted: str) -> Path | None:
+    """The file that `import dotted` finds with backend/ (the image's /app) as the working directory."""
+    base = backend.joinpath(*dotted.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def names_requirement(requirements: str, distribution: str) -> bool:
+    pattern = REQUIREMENT.format(re.sub(r"[-_.]+", "[-_.]+", distribution))
+    return re.search(pattern, requirements, re.IGNORECASE | re.MULTILINE) is not None
+
+
+def contract_problems(project: Path, answers: dict) -> list[str]:
+    """What an existing app (backend=existing) still lacks, one sentence each: what to add."""
+    backend = project / "backend"
+    problems = []
+    module, _, attribute = answers["asgi_app"].partition(":")
+    if module_file(backend, module) is None:
+        path = "backend/" + module.replace(".", "/")
+        problems.append(f"{path}.py (or {path}/__init__.py) is missing: add the module that defines your ASGI app "
+                        f"`{attribute}` (asgi_app={answers['asgi_app']}), importable from backend/.")  # fmt: skip
+    celery = answers.get("celery_app") if {"celery_worker", "celery_beat"} & set(answers.get("services", [])) else None
+    if celery and module_file(backend, celery.partition(":")[0]) is None:
+        path = "backend/" + celery.partition(":")[0].replace(".", "/")
+        problems.append(f"{path}.py is missing: add the module with your Celery app (celery_app={celery}); "
+                        "the workers and beat run `celery --app=" + celery + "`.")  # fmt: skip
+    requirements = backend / "requirements.txt"
+    if not requirements.is_file():
+        problems.append("backend/requirements.txt is missing: list your packages (uvicorn"
+                        + (" and celery" if celery else "") + ") in backend/requirements.in and run `make lock`.")  # fmt: skip
+        return problems
+    text = requirements.read_text(errors="replace")
+    for distribution in ["uvicorn"] + (["celery"] if celery else []):
+        if not names_requirement(text, distribution):
+            problems.append(f"backend/requirements.txt does not name {distribution}: the image runs it; add it to "
+                            "backend/requirements.in and run `make lock`.")  # fmt: skip
+    if "--hash=sha256:" not in text:
+        problems.append("backend/requirements.txt has no hashes: the image installs it with `pip install --require-hashes`; "
+                        "compile it from backend/requirements.in with `make lock`.")  # fmt: skip
+    return problems
+
+
+def report_contract(project: Path, answers: dict) -> None:
+    problems = contract_problems(project, answers)
+    for problem in problems:
+        print(f"EXISTING APP: {problem}", file=sys.stderr)
+    if problems:
+        print("The image builds once these are in place (docs/OPERATIONS.md#your-application); nothing else "
+              "needs to wait for them.", file=sys.stderr)  # fmt: skip
+
+
 def main(operation: str) -> int:
     project = Path.cwd()
     # During `copier update`, Copier also runs tasks in throw-away renders of the old and new
     # template versions; only the real project (a git repository) needs secrets and digests.
     if operation == "update" and not (project / ".git").exists():
         return 0
+    try:  # messages only: a surprise here must not cost the project
+        answers = yaml.safe_load((project / ANSWERS_FILE).read_text()) or {}
+        if operation == "copy":  # a first copy, a second one or `copier recopy`
+            report_kept(project, answers)
+        if answers.get("backend") == "existing":
+            report_contract(project, answers)
+    except Exception as exc:
+        print(f"WARNING: could not check the project's files ({exc}).", file=sys.stderr)
     run_project_script(project, "ensure_secrets.py", "main")
     if os.environ.get("HARDENED_COMPOSE_PIN", "on") == "off":
         print("NOTE: HARDENED_COMPOSE_PIN=off: images stay referenced by tag; pin them with `make pin`.", file=sys.stderr)

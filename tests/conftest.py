@@ -31,6 +31,8 @@ def render(dst: Path, env: dict[str, str] | None = None, tasks: bool = True, **d
     the template's files only (no secrets, no pinning)."""
     with warnings.catch_warnings(), local.env(**{"HARDENED_COMPOSE_PIN": "off", **(env or {})}):
         warnings.filterwarnings("ignore", message="Dirty template changes included automatically")
+        # A first copy: copier.yml's generated_before looks for the destination's answers file.
+        warnings.filterwarnings("ignore", message="File not found; returning empty dict")
         run_copy(str(TEMPLATE), dst, data=data, defaults=True, unsafe=True, quiet=True, vcs_ref="HEAD", skip_tasks=not tasks)
     return dst
 

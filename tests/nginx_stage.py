@@ -101,11 +101,3 @@ def stage_entrypoint(context: Path, image: str, root: Path) -> tuple[Path, dict[
         elif _PATH.match(path):
             env[name] = _PATH.sub(lambda m: f"{root}{m.group(1)}", path)
     return entrypoint, env
-
-
-def entrypoint_env(project: Path, root: Path) -> dict[str, str]:
-    """What the nginx images' entrypoints need outside a container: the shared worker-processes
-    script (copied where an unprivileged server can read it) and the tmpfs directory for nginx's
-    generated main-context file (nginx.conf includes <root>/tmp/nginx/workers*.conf once staged)."""
-    script = shutil.copy(project / "nginx" / "worker-processes.sh", root / "nginx-worker-processes.sh")
-    return {"NGINX_WORKERS_SCRIPT": str(script), "NGINX_TMP_DIR": str(root / "tmp" / "nginx")}

@@ -32,7 +32,7 @@ from servers import (
 from test_e2e_nginx import SECURITY_HEADERS, fetch, start_backend
 
 from conftest import compose_model, healthcheck_argv, outside_the_image, render, run, self_signed_certificate
-from nginx_stage import entrypoint_env, stage
+from nginx_stage import stage, stage_entrypoint
 
 pytestmark = pytest.mark.e2e
 
@@ -181,14 +181,12 @@ def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
             )
             for path in ("tmp", "logs", "etc/letsencrypt", "etc/tls", "var/www/certbot"):  # tmpfs and named volumes
                 writable_by_server(root / path)
-            entrypoint = shutil.copy(project / "proxy" / "docker" / "entrypoint.sh", root / "proxy-entrypoint.sh")
+            entrypoint, staged = stage_entrypoint(project, "proxy", root)
             env = {
+                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_WORKERS_SCRIPT under root
                 "PATH": SYSTEM_PATH,
-                "NGINX_DIR": str(root / "etc/nginx"),
                 "NGINX_ACTIVE_DIR": str(root / "tmp/nginx/active"),
-                "TLS_DIR": str(root / "etc/tls"),
                 "CERT_POLL_SECONDS": "1",
-                **entrypoint_env(project, root),
             }
             nginx = processes.start(
                 as_unprivileged(["sh", entrypoint, "nginx", "-e", "stderr", "-c", conf, "-g", "daemon off;"]),
@@ -423,7 +421,7 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
             )
             for path in ("front/tmp", "edge/tmp", "logs"):
                 writable_by_server(root / path)
-            entry = shutil.copy(project / "proxy" / "docker" / "entrypoint.sh", root / "proxy-entrypoint.sh")
+            entry, staged = stage_entrypoint(project, "proxy", root / "edge")
             base = {"PATH": SYSTEM_PATH}
             front_process = processes.start(
                 as_unprivileged(["nginx", "-e", "stderr", "-c", front, "-g", "daemon off;"]),
@@ -432,11 +430,9 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
             )
             env = {
                 **base,
+                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_WORKERS_SCRIPT under root/edge
                 "PROXY_HTTP_ONLY": "1",
-                "NGINX_DIR": str(root / "edge/etc/nginx"),
                 "NGINX_ACTIVE_DIR": str(root / "edge/tmp/nginx/active"),
-                "TLS_DIR": str(root / "edge/etc/tls"),
-                **entrypoint_env(project, root / "edge"),
             }
             proxy_process = processes.start(
                 as_unprivileged(["sh", entry, "nginx", "-e", "stderr", "-c", edge, "-g", "daemon off;"]),

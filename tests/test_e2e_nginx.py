@@ -27,7 +27,7 @@ from servers import (
 from websockets.sync.client import connect
 
 from conftest import compose_model, render, run
-from nginx_stage import entrypoint_env, stage
+from nginx_stage import stage, stage_entrypoint
 
 pytestmark = pytest.mark.e2e
 
@@ -126,13 +126,12 @@ def spa(spa_project: Path) -> Iterator[Spa]:
                 port = free_port()
                 conf = stage(project, "frontend", root, upstreams={"backend": upstream}, ports={8080: port})
                 shutil.copytree(project / "frontend" / "dist", root / "usr/share/nginx/html", dirs_exist_ok=True)
-                entrypoint = shutil.copy(project / "frontend" / "docker" / "entrypoint.sh", root / "entrypoint.sh")
+                entrypoint, staged = stage_entrypoint(project, "frontend", root)
                 writable_by_server(root / "tmp")  # the container's only writable path (tmpfs)
                 writable_by_server(root / "logs")
                 runtime = str(root / "tmp" / "runtime")
                 env = {"RUNTIME_CONFIG_DIR": runtime, "API_BASE_URL": "/api", "WS_URL": "/ws", "APP_ENV": "e2e"}
-                env |= entrypoint_env(project, root)
-                start_nginx(processes, root, conf, Path(entrypoint), env, port)
+                start_nginx(processes, root, conf, entrypoint, staged | env, port)
                 ports.append(port)
             yield Spa(ports[0], ports[1], base / "live", backend)
         finally:
@@ -285,9 +284,9 @@ def test_nginx_workers_follow_the_container_cpu_and_file_limits(spa_project: Pat
             conf = stage(spa_project, "frontend", root, upstreams={"backend": f"127.0.0.1:{free_port()}"}, ports={8080: port})
             writable_by_server(root / "tmp")
             writable_by_server(root / "logs")
-            entrypoint = shutil.copy(spa_project / "frontend" / "docker" / "entrypoint.sh", root / "entrypoint.sh")
+            entrypoint, staged = stage_entrypoint(spa_project, "frontend", root)
             env = {"CGROUP_DIR": str(root / "cgroup"), "RUNTIME_CONFIG_DIR": str(root / "tmp" / "runtime")}
-            start_nginx(processes, root, conf, Path(entrypoint), env | entrypoint_env(spa_project, root), port)
+            start_nginx(processes, root, conf, entrypoint, staged | env, port)
 
             # nginx -t as the server's user, its output in a file that user owns (nginx reopens /dev/stderr).
             report = root / "logs" / "nginx-t.log"

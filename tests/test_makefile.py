@@ -1,11 +1,12 @@
 """The generated Makefile with the real make and git: image tags follow the repository's version."""
 
+import json
 import subprocess
 from pathlib import Path
 
 import yaml
 
-from conftest import compose_model, render, run
+from conftest import compose_model, render, rendered_verify, run
 
 
 def make(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -57,3 +58,78 @@ def test_lock_compiles_with_the_backend_build_image(tmp_path: Path) -> None:
     pinned = "python:3.12-slim@sha256:" + "ab" * 32
     dockerfile.write_text(dockerfile.read_text().replace("FROM python:3.12-slim AS build", f"FROM {pinned} AS build"))
     assert f"{pinned} sh -c" in make(project, "-n", "lock").stdout
+
+
+FULL_STACK = {"proxy_mode": "nginx-certbot", "services": ["postgres", "redis", "celery_worker", "celery_beat"]}
+
+
+def compose_files(project: Path) -> dict[str, list[str]]:
+    """The -f lists of `make config` (COMPOSE and COMPOSE_TEST), per stack."""
+    lines = make(project, "-n", "config").stdout.splitlines()
+    stacks = [line.split()[2:-2] for line in lines if line.startswith("docker compose ")]
+    return {stack: [f for f in files if f != "-f"] for stack, files in zip(("production", "test"), stacks, strict=True)}
+
+
+def resolved(project: Path, files: list[str]) -> dict:
+    args = [arg for name in files for arg in ("-f", name)]
+    result = subprocess.run(["docker-compose", *args, "config", "--format", "json"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, f"{files}: {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def test_each_stack_has_its_own_override_and_backend_env_reaches_every_backend_service(tmp_path: Path) -> None:
+    """compose.prod.override.yaml / compose.test.override.yaml apply to one stack each, after the
+    shared compose.override.yaml; backend.env reaches the API, the workers and beat in both. The
+    Makefile and scripts/verify.py (and the other scripts) use the same files."""
+    project = render(tmp_path / "p", **FULL_STACK)
+    files = compose_files(project)
+    assert files == {
+        "production": ["compose.yaml", "compose.override.yaml", "compose.prod.override.yaml"],
+        "test": ["compose.test.yaml", "compose.override.yaml", "compose.test.override.yaml"],
+    }
+    assert files == rendered_verify(project).COMPOSE_FILES
+    for script in ("backup.py", "rotate_secret.py"):
+        assert f"COMPOSE_FILES = {files!r}" in (project / "scripts" / script).read_text()
+    assert make(project, "-n", "verify").stdout.split() == ["python3", "scripts/verify.py"]
+    assert make(project, "-n", "test-verify").stdout.split() == ["python3", "scripts/verify.py", "--test"]
+
+    (project / "compose.prod.override.yaml").write_text("services:\n  certbot:\n    environment:\n      CERTBOT_EXTRA: '1'\n")
+    (project / "compose.test.override.yaml").write_text("services:\n  backend:\n    environment:\n      ONLY_IN_TEST: '1'\n")
+    (project / "backend.env").write_text((project / "backend.env").read_text() + "FEATURE_FLAGS=beta\n")
+    production, test = resolved(project, files["production"]), resolved(project, files["test"])
+    assert production["services"]["certbot"]["environment"]["CERTBOT_EXTRA"] == "1"
+    assert "certbot" not in test["services"]  # the production-only override did not break the test stack
+    assert test["services"]["backend"]["environment"]["ONLY_IN_TEST"] == "1"
+    assert "ONLY_IN_TEST" not in production["services"]["backend"]["environment"]
+    for model in (production, test):
+        for service in ("backend", "worker_default", "beat"):
+            assert model["services"][service]["environment"]["FEATURE_FLAGS"] == "beta", service
+        assert "FEATURE_FLAGS" not in model["services"]["postgres"].get("environment", {})
+        assert rendered_verify(project).config_problems(model, test=model is test) == []
+
+    # A secret does not belong in backend.env: the hardening rules refuse it before anything starts.
+    (project / "backend.env").write_text("STRIPE_API_KEY=sk_live_x\n")
+    problems = rendered_verify(project).config_problems(resolved(project, files["production"]), test=False)
+    assert any("STRIPE_API_KEY" in problem for problem in problems), problems
+
+
+def test_a_scaled_worker_queue_keeps_one_healthcheck_per_replica(tmp_path: Path) -> None:
+    """`--scale worker_default=3` (or deploy.replicas, as docs/OPERATIONS.md says): every replica
+    is its own container with its own hostname, the worker's Celery node name is built from that
+    hostname (%h) and its healthcheck pings <queue>@$HOSTNAME, the same name, so each replica's
+    healthcheck asks that replica. Nothing that would make replicas collide is set: no fixed
+    hostname or container name, no published port."""
+    project = render(tmp_path / "p", **{**FULL_STACK, "celery_queues": "default,long"})
+    (project / "compose.prod.override.yaml").write_text("services:\n  worker_long:\n    deploy:\n      replicas: 3\n")
+    model = resolved(project, compose_files(project)["production"])
+    for queue in ("default", "long"):
+        worker = model["services"][f"worker_{queue}"]
+        assert f"--hostname={queue}@%h" in worker["command"]
+        assert worker["healthcheck"]["test"][-1].endswith(f"--destination {queue}@$$HOSTNAME")
+        assert not {"hostname", "container_name", "ports"} & worker.keys()
+    worker = model["services"]["worker_long"]
+    assert worker["deploy"]["replicas"] == 3
+    assert worker["deploy"]["resources"]["limits"]["memory"]  # the limits still apply, per replica
+    assert rendered_verify(project).config_problems(model, test=False) == []
+    operations = (project / "docs/OPERATIONS.md").read_text()
+    assert "up -d --wait --scale worker_default=3" in operations and "replicas: 3" in operations

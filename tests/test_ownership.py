@@ -19,7 +19,8 @@ import yaml
 from conftest import TEMPLATE, commit, copier, release, render, run
 
 CONFIG = yaml.safe_load((TEMPLATE / "copier.yml").read_text())
-USER_OWNED: list[str] = CONFIG["_skip_if_exists"]
+# The paths, not the first-copy rule (a Jinja expression; tests/test_existing_repo.py covers it).
+USER_OWNED: list[str] = [pattern for pattern in CONFIG["_skip_if_exists"] if "{{" not in pattern]
 # Copier matches _skip_if_exists the way git matches .gitignore lines.
 IS_USER_OWNED = pathspec.PathSpec.from_lines("gitignore", USER_OWNED).match_file
 MANAGED = "Managed by hardened-compose: `copier update` rewrites this file"

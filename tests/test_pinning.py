@@ -355,10 +355,37 @@ def test_check_mode_fails_on_unpinned_and_moved_tags(
     push_image(registry, "library/redis", "7.4-alpine", seed="rebuilt upstream")
     assert check(project, check=True, resolver=resolver(pin_module, registry.url)) == 1
     assert "redis:7.4-alpine: pinned sha256:" in capsys.readouterr().err
+    # Offline (the generated CI workflow): a moved tag is no failure, and no registry is asked.
+    offline = resolver(pin_module, registry.url)
+    assert check(project, check=True, offline=True, resolver=offline) == 0
+    assert offline.requests == 0
     compose = project / "compose.yaml"
     compose.write_text(compose.read_text().replace("@" + compose.read_text().split("postgres:17-alpine@")[1][:71], ""))
     assert check(project, check=True, resolver=resolver(pin_module, registry.url)) == 1
     assert "postgres:17-alpine: not pinned" in capsys.readouterr().err
+    assert check(project, check=True, offline=True, resolver=offline) == 1
+    assert "postgres:17-alpine: not pinned" in capsys.readouterr().err
+    assert offline.requests == 0
+
+
+def test_the_ci_workflow_checks_pins_offline_as_documented(pin_module: dict, tmp_path: Path) -> None:
+    """The Security scan workflow runs the offline check with the server's plain python3: it fails
+    on an unpinned reference and passes once every reference carries a digest, with no registry."""
+    project = render(tmp_path / "p", **FULL)
+    workflow = yaml.safe_load((project / ".github/workflows/security-scan.yml").read_text())
+    steps = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
+    command = "python3 scripts/pin_images.py --check --offline"
+    assert command in steps
+    argv = [*PLAIN_PYTHON, *command.split()[1:]]
+    unreachable = {MIRRORS: "docker.io=http://127.0.0.1:9"}  # any lookup would fail
+    failed = subprocess.run(argv, cwd=project, env={**os.environ, **unreachable}, capture_output=True, text=True)
+    assert failed.returncode == 1 and "python:3.12-slim: not pinned" in failed.stderr, failed.stderr
+    for path in pin_module["find_files"](project):
+        digests = {tagged: "sha256:" + hashlib.sha256(tagged.encode()).hexdigest() for tagged in references_in(path, pin_module)}
+        path.write_text(pin_module["pinned_text"](path, path.read_text(), digests))
+    passed = subprocess.run(argv, cwd=project, env={**os.environ, **unreachable}, capture_output=True, text=True)
+    assert passed.returncode == 0, passed.stderr
+    assert "--offline checks only" in run_pin_script(project, "--offline", env={}).stderr
 
 
 def test_update_keeps_unchanged_pins_and_pins_changed_tags_without_conflicts(

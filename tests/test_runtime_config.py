@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import render
-from nginx_stage import entrypoint_env
+from nginx_stage import stage_entrypoint
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +15,10 @@ def entrypoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start(entrypoint: Path, runtime_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    project = entrypoint.parents[2]
-    nginx = entrypoint_env(project, runtime_dir)
+    staged, nginx = stage_entrypoint(entrypoint.parents[2], "frontend", runtime_dir)
     return subprocess.run(
-        ["sh", str(entrypoint), "echo", "started"],
-        env={"PATH": "/usr/bin:/bin", "RUNTIME_CONFIG_DIR": str(runtime_dir), **nginx, **env},
+        ["sh", str(staged), "echo", "started"],
+        env={"PATH": "/usr/bin:/bin", **nginx, "RUNTIME_CONFIG_DIR": str(runtime_dir), **env},
         capture_output=True,
         text=True,
     )
