@@ -32,6 +32,9 @@ HEAD_LINES = 5
 
 
 def choices(question: str) -> list:
+    """A question's values: its `choices` (a list or a label -> value map), or yes and no."""
+    if CONFIG[question].get("type") == "bool":
+        return [True, False]
     listed = CONFIG[question]["choices"]
     return list(listed.values()) if isinstance(listed, dict) else list(listed)
 
@@ -44,8 +47,15 @@ EVERYTHING_ON = {
     "services": choices("services"),
     "update_bot": "renovate",
     "trivy_severity": CONFIG["trivy_severity"]["default"],
+    "letsencrypt_staging": True,
+    "swarm": True,
 }
-CHOICE_QUESTIONS = [name for name, q in CONFIG.items() if isinstance(q, dict) and "choices" in q]
+# Questions with choices, and yes/no questions a user is asked (not the computed ones).
+CHOICE_QUESTIONS = [
+    name
+    for name, q in CONFIG.items()
+    if isinstance(q, dict) and ("choices" in q or (q.get("type") == "bool" and q.get("ask", True) is not False))
+]
 
 
 def answer_changes() -> list[tuple[str, object]]:
