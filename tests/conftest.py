@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,18 @@ def outside_the_image(argv: list[str], dockerfile: Path) -> list[str]:
                 copied[target] = str(dockerfile.parent / sources[0])
     python = {"python": sys.executable, "python3": sys.executable}
     return [python.get(argv[0], argv[0]), *(copied.get(arg, arg) for arg in argv[1:])]
+
+
+def backend_command(project: Path, port: int) -> list[str]:
+    """The backend image's CMD, run here: on 127.0.0.1:port, with the scripts the image copies
+    from the project and the tests' own uvicorn."""
+    dockerfile = (project / "backend" / "Dockerfile").read_text()
+    command = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("CMD ")).removeprefix("CMD "))
+    copied = dict(re.findall(r"^COPY (docker/\S+) (/usr/local/bin/\S+)$", dockerfile, re.M))
+    script = command[-1].replace("--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {port}")
+    for source, target in copied.items():
+        script = script.replace(target, str(project / "backend" / source))
+    return [*command[:-1], script]
 
 
 def rendered_verify(project: Path) -> ModuleType:

@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 # Paths the rendered configs use inside the container, all moved under the staging root.
@@ -101,3 +102,13 @@ def stage_entrypoint(context: Path, image: str, root: Path) -> tuple[Path, dict[
         elif _PATH.match(path):
             env[name] = _PATH.sub(lambda m: f"{root}{m.group(1)}", path)
     return entrypoint, env
+
+
+def build_spa(project: Path) -> Path:
+    """Build the SPA as its image does: the build stage's last RUN (the build, then the gzip copies)
+    run in frontend/ (the stage's WORKDIR, holding what `COPY frontend/ ./` copied). Returns dist/."""
+    dockerfile = (project / "frontend" / "Dockerfile").read_text()
+    build_stage = dockerfile.split("\nFROM ")[1]
+    command = [line for line in build_stage.splitlines() if line.startswith("RUN ")][-1].removeprefix("RUN ")
+    subprocess.run(["sh", "-c", command], cwd=project / "frontend", check=True, capture_output=True)
+    return project / "frontend" / "dist"

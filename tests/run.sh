@@ -11,6 +11,7 @@ declare -A packages=(
     [docker-registry]=docker-registry [skopeo]=skopeo [redis-server]=redis-server
     [pebble]=pebble [certbot]=certbot [psql]=postgresql [node]=nodejs [npm]=npm
     [dockerd]=docker.io [debootstrap]=debootstrap [iptables]=iptables [ip]=iproute2 [pipx]=pipx [age]=age
+    [wrk]=wrk [h2load]=nghttp2-client
 )
 missing=()
 for command in "${!packages[@]}"; do

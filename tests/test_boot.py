@@ -360,7 +360,7 @@ def test_boot_build_context_of_the_nginx_images_admits_only_what_they_copy(engin
         paths = [p for root in roots for p in ([project / root] if (project / root).is_file() else (project / root).rglob("*"))]
         return {str(p.relative_to(project)) for p in paths if p.is_file()}
 
-    admitted = files("nginx/nginx.conf", "nginx/worker-processes.sh", "nginx/snippets", "nginx/frontend", "nginx/proxy",
+    admitted = files("nginx/nginx.conf", "nginx/runtime-settings.sh", "nginx/snippets", "nginx/frontend", "nginx/proxy",
                      "frontend", "proxy")  # fmt: skip
     never = files("secrets", ".git", "nginx/locations.d", "backend", ".env") | set(local_state)
     never |= {"frontend/Dockerfile", "proxy/Dockerfile", "compose.yaml", ".copier-answers.yml"}

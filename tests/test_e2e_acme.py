@@ -37,6 +37,7 @@ from nginx_stage import stage, stage_entrypoint
 pytestmark = pytest.mark.e2e
 
 DOMAIN = "app.example.org"
+EXTRA_NAMES = ["www.app.example.org", "app.example.net"]  # the extra_domains answer
 AS_DOMAIN = {"Host": DOMAIN}
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/bin"
 
@@ -158,7 +159,14 @@ class Proxy:
 
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
-    project = render(tmp_path / "p", proxy_mode="nginx-certbot", frontend="none", domain=DOMAIN, email="ops@example.org")
+    project = render(
+        tmp_path / "p",
+        proxy_mode="nginx-certbot",
+        frontend="none",
+        domain=DOMAIN,
+        extra_domains=",".join(EXTRA_NAMES),
+        email="ops@example.org",
+    )
     processes = Processes()
     with server_root("acme") as root:
         try:
@@ -175,7 +183,7 @@ def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
                 writable_by_server(root / path)
             entrypoint, staged = stage_entrypoint(project, "proxy", root)
             env = {
-                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_WORKERS_SCRIPT under root
+                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_SETTINGS_SCRIPT under root
                 "PATH": SYSTEM_PATH,
                 "NGINX_ACTIVE_DIR": str(root / "tmp/nginx/active"),
                 "CERT_POLL_SECONDS": "1",
@@ -191,15 +199,19 @@ def proxy(tmp_path: Path) -> Iterator[tuple[Proxy, Processes]]:
             processes.stop_all()
 
 
-def run_certbot(proxy: Proxy, acme: Acme, *extra: str) -> subprocess.CompletedProcess[str]:
-    """The rendered certbot entrypoint (one round), as the proxy's user, against pebble."""
+def run_certbot(
+    proxy: Proxy, acme: Acme, *extra: str, settings: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The rendered certbot entrypoint (one round), as the proxy's user, against pebble, with the
+    certbot service's environment from compose.yaml (names, e-mail), changed by settings."""
     entrypoint = shutil.copy(proxy.project / "certbot" / "entrypoint.sh", proxy.root / "certbot-entrypoint.sh")
+    service = compose_model(proxy.project, "compose.yaml")["services"]["certbot"]["environment"]
     env = {
         "PATH": SYSTEM_PATH,
         "HOME": str(proxy.root / "tmp"),
         "REQUESTS_CA_BUNDLE": str(acme.ca_bundle),
-        "CERTBOT_DOMAIN": DOMAIN,
-        "CERTBOT_EMAIL": "ops@example.org",
+        **{name: service[name] for name in ("CERTBOT_DOMAIN", "CERTBOT_EXTRA_DOMAINS", "CERTBOT_EMAIL")},
+        **(settings or {}),
         "CERTBOT_SERVER": acme.directory,
         "CERTBOT_CONFIG_DIR": str(proxy.root / "etc/letsencrypt"),
         "CERTBOT_TLS_DIR": str(proxy.root / "etc/tls"),
@@ -326,6 +338,63 @@ def test_acme_proxy_starts_without_certificate_obtains_one_and_follows_renewal(p
     assert (p.root / "tmp/nginx.pid").read_text() == master, "nginx was restarted instead of reloaded"
 
 
+def certificate_names(certificate: x509.Certificate) -> set[str]:
+    san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(san.get_values_for_type(x509.DNSName))
+
+
+def test_acme_extra_names_join_the_certificate_and_redirect_to_the_domain(proxy: tuple[Proxy, Processes]) -> None:
+    """The extra_domains answer: one certificate for every name (an existing one reissued with the
+    new names under the same lineage), and a 301 to https://<domain> from each of them."""
+    p, processes = proxy
+    acme = start_pebble(processes, p.root, p.http_port)
+    lineages = p.root / "etc/letsencrypt/live"
+
+    # A certificate from before the names were added: the domain alone.
+    result = run_certbot(p, acme, settings={"CERTBOT_EXTRA_DOMAINS": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = wait_until(lambda: served_certificate(p.https_port), timeout=20)
+    assert first is not None and certificate_names(first) == {DOMAIN}
+
+    # certbot's next round with the rendered names (its restart after `copier update` added
+    # them): reissued at once, not due for renewal, with every name, in the same lineage.
+    result = run_certbot(p, acme)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expanded = wait_until(
+        lambda: (c := served_certificate(p.https_port)) is not None and c.serial_number != first.serial_number and c,
+        timeout=20,
+    )
+    assert expanded, "the proxy kept serving the certificate without the extra names"
+    assert certificate_names(expanded) == {DOMAIN, *EXTRA_NAMES}
+    assert sorted(path.name for path in lineages.iterdir() if path.is_dir()) == [DOMAIN]
+    # The same names again: nothing to do until the certificate is due.
+    assert run_certbot(p, acme).returncode == 0
+    archive = p.root / "etc/letsencrypt/archive" / DOMAIN
+    assert sorted(f.name for f in archive.glob("cert*.pem")) == ["cert1.pem", "cert2.pem"]
+
+    for name in EXTRA_NAMES:
+        # TLS for the name shows the shared certificate; every request is sent to the domain.
+        served = served_certificate(p.https_port, server_name=name)
+        assert served is not None and served.serial_number == expanded.serial_number, name
+        status, headers, _ = https_get(p.https_port, "/some/page?q=1", host=name)
+        assert status == 301 and headers["location"] == f"https://{DOMAIN}/some/page?q=1", (name, status, headers)
+        assert headers["strict-transport-security"] == "max-age=63072000; includeSubDomains"
+        assert all(h in headers for h in SECURITY_HEADERS)
+        redirect = fetch(p.http_port, "/other?x=2", headers={"Host": name})
+        assert redirect.status == 301 and redirect.headers["location"] == f"https://{DOMAIN}/other?x=2", name
+        # Over HTTP the name still serves ACME challenges (how it got onto the certificate).
+        probe = p.root / "var/www/certbot/.well-known/acme-challenge" / f"probe-{name}"
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(name)
+        assert fetch(p.http_port, f"/.well-known/acme-challenge/probe-{name}", headers={"Host": name}).body == name.encode()
+    # The canonical name serves the app; an unknown one is still refused, on both ports.
+    assert json.loads(https_get(p.https_port, "/api/echo")[2])["headers"]["host"] == DOMAIN
+    with pytest.raises(http.client.RemoteDisconnected):
+        fetch(p.http_port, "/", headers={"Host": "evil.example"})
+    assert served_certificate(p.https_port, server_name="evil.example") is None
+    assert https_get(p.https_port, "/", host="evil.example", sni=EXTRA_NAMES[0])[0] == 421
+
+
 def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None:
     """compose.test.yaml's proxy (PROXY_HTTP_ONLY=1) -> SPA nginx -> backend: one set of headers."""
     project = render(tmp_path / "p", proxy_mode="nginx-certbot", frontend="spa", domain=DOMAIN)
@@ -361,7 +430,7 @@ def test_acme_proxy_chain_to_frontend_in_local_test_mode(tmp_path: Path) -> None
             )
             env = {
                 **base,
-                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_WORKERS_SCRIPT under root/edge
+                **staged,  # NGINX_DIR, TLS_DIR, NGINX_TMP_DIR, NGINX_SETTINGS_SCRIPT under root/edge
                 "PROXY_HTTP_ONLY": "1",
                 "NGINX_ACTIVE_DIR": str(root / "edge/tmp/nginx/active"),
             }

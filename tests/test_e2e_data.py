@@ -66,13 +66,16 @@ class RedisServer:
     secret: Path  # the application's password (redis_password), as the backend and workers get it
     processes: Processes
 
-    def start(self, command_prefix=as_service) -> subprocess.Popen:
+    def start(self, command_prefix=as_service, cgroup: Path | None = None) -> subprocess.Popen:
+        """start-redis.sh as the container runs it; cgroup: a directory standing in for its
+        /sys/fs/cgroup (memory.max)."""
         env = {
             "PATH": "/usr/bin:/bin",
             "REDIS_PASSWORD_FILE": str(self.secret),
             "REDIS_ADMIN_PASSWORD_FILE": str(self.secret.parent / "redis_admin_password"),
             "REDIS_DATA_DIR": str(self.root / "data"),
             "REDIS_PORT": str(self.port),
+            **({"CGROUP_DIR": str(cgroup)} if cgroup else {}),
         }
         return self.processes.start(command_prefix(["sh", self.root / "start-redis.sh"]), self.root / "redis.log", env=env)
 
@@ -157,6 +160,40 @@ def test_redis_fails_closed_when_it_cannot_read_the_secret(redis_server: RedisSe
     assert "cannot read a password" in (redis_server.root / "redis.log").read_text()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", redis_server.port), timeout=1):
         pass
+
+
+def host_memory_bytes() -> int:
+    kib = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+    return int(kib) * 1024
+
+
+def container_memory_max(project: Path, service: str) -> str:
+    """What Docker writes into the service's cgroup memory.max for this project: its memory limit
+    from the resolved Compose model (.env included), in bytes."""
+    return str(compose_model(project, "compose.yaml")["services"][service]["deploy"]["resources"]["limits"]["memory"])
+
+
+@pytest.mark.parametrize("env_file", ["", "REDIS_MEMORY=1G\n", "unlimited"])
+def test_redis_maxmemory_follows_the_container_memory_limit(redis_server: RedisServer, env_file: str) -> None:
+    """maxmemory is 75 % of the limit the container really has, read at start: the rendered
+    default, a limit changed in .env (no re-rendering), or the host's memory when unlimited."""
+    r = redis_server
+    if env_file == "unlimited":
+        memory_max, limit = "max", host_memory_bytes()
+    else:
+        (r.project / ".env").write_text(env_file)
+        memory_max = container_memory_max(r.project, "redis")
+        limit = int(memory_max)
+    cgroup = r.root / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text(memory_max + "\n")
+    process = r.start(cgroup=cgroup)
+    wait_ready(process, lambda: redis_answers(r.port))
+    if env_file == "REDIS_MEMORY=1G\n":
+        assert limit == 2**30
+    assert r.admin().config_get("maxmemory") == {"maxmemory": str(limit * 3 // 4)}
+    # A full broker refuses new messages rather than silently dropping queued ones.
+    assert r.admin().config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
 
 
 # What the application's credentials must not run: each would let a compromised backend or worker

@@ -24,10 +24,11 @@ from servers import (
     wait_until,
     writable_by_server,
 )
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import compose_model, render, run
-from nginx_stage import stage, stage_entrypoint
+from conftest import compose_model, render
+from nginx_stage import build_spa, stage, stage_entrypoint
 
 pytestmark = pytest.mark.e2e
 
@@ -53,8 +54,11 @@ class Response:
         return sorted({name for name in names if names.count(name) > 1})
 
 
-def fetch(port: int, path: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> Response:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def fetch(
+    port: int, path: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None, source: str = "127.0.0.1"
+) -> Response:
+    """One request on a new connection from the loopback address source (any of 127.0.0.0/8)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
     conn.request(method, path, body=body, headers=headers or {})
     response = conn.getresponse()
     pairs = response.getheaders()
@@ -109,7 +113,7 @@ class Spa:
 @pytest.fixture(scope="module")
 def spa_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = render(tmp_path_factory.mktemp("spa") / "p", frontend="spa", proxy_mode="none", project_name="Nginx Demo")
-    run("node", "build.mjs", cwd=project / "frontend")
+    build_spa(project)
     return project
 
 
@@ -152,6 +156,28 @@ def test_nginx_serves_spa_with_cache_rules_gzip_and_health(spa: Spa) -> None:
     assert asset.headers["content-encoding"] == "gzip" and b"__APP_CONFIG__" in gzip.decompress(asset.body)
     missing = fetch(spa.port, "/assets/missing.0123456789ab.js")
     assert missing.status == 404 and "immutable" not in missing.headers.get("cache-control", "")
+
+
+def test_nginx_sends_the_build_time_gzip_copies_as_they_are(spa: Spa) -> None:
+    """Static files go out as the gzip copies the image's build stored beside them (gzip_static):
+    the copy's exact bytes with its Content-Length and its ETag (nginx's modification time - size
+    of the .gz file), so nothing is compressed per request. A client without gzip gets the file."""
+    html = spa.root / "usr/share/nginx/html"
+    script = next((html / "assets").glob("main.*.js"))
+    for path, file in ((f"/assets/{script.name}", script), ("/", html / "index.html")):
+        copy = file.with_name(file.name + ".gz")
+        assert copy.is_file(), f"the build stored no gzip copy of {file.name}"
+        stat = copy.stat()
+        sent = fetch(spa.port, path, headers={"Accept-Encoding": "gzip"})
+        assert sent.headers["content-encoding"] == "gzip" and sent.body == copy.read_bytes()
+        assert sent.headers["content-length"] == str(stat.st_size)
+        assert sent.headers["etag"] == f'"{int(stat.st_mtime):x}-{stat.st_size:x}"'
+        assert sent.headers["vary"] == "Accept-Encoding"
+        plain = fetch(spa.port, path)
+        assert "content-encoding" not in plain.headers and plain.body == file.read_bytes()
+    # Dynamic responses (the API's JSON) are still compressed, on the fly.
+    api = fetch(spa.port, "/api/echo", headers={"Accept-Encoding": "gzip"})
+    assert api.headers["content-encoding"] == "gzip" and json.loads(gzip.decompress(api.body))["path"] == "/api/echo"
 
 
 @pytest.mark.parametrize(
@@ -303,5 +329,46 @@ def test_nginx_workers_follow_the_container_cpu_and_file_limits(spa_project: Pat
             assert (root / "tmp/nginx/workers.conf").read_text() == f"worker_processes {expected};\n"
             connections = re.search(r"worker_connections (\d+);", conf.read_text())
             assert connections and 2 * int(connections[1]) <= ulimit["soft"] <= ulimit["hard"]
+        finally:
+            processes.stop_all()
+
+
+@pytest.fixture(scope="module")
+def proxy_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render(tmp_path_factory.mktemp("proxy") / "p", proxy_mode="nginx-certbot", frontend="none")
+
+
+@pytest.mark.parametrize("image", ["frontend", "proxy"])
+def test_api_rate_limit_answers_429_per_client_address(
+    spa_project: Path, proxy_project: Path, image: str, tmp_path: Path
+) -> None:
+    """The nginx that sees the client's address (the SPA's, or the self-hosted proxy, here in its
+    local-test HTTP mode) limits /api and /ws handshakes per address at the rate the operator set
+    in .env (API_RATE_LIMIT, API_RATE_BURST): a client beyond it gets 429, with the security
+    headers, while another address is served."""
+    project = spa_project if image == "frontend" else proxy_project
+    processes = Processes()
+    with server_root("rate") as root:
+        try:
+            backend = start_backend(processes, root, project)
+            port = free_port()
+            conf = stage(project, image, root, upstreams={"backend": f"127.0.0.1:{backend}"}, ports={8080: port})
+            entrypoint, env = stage_entrypoint(project, image, root)
+            writable_by_server(root / "tmp")
+            writable_by_server(root / "logs")
+            env |= {"API_RATE_LIMIT": "1", "API_RATE_BURST": "5", "PROXY_HTTP_ONLY": "1"}
+            start_nginx(processes, root, conf, entrypoint, env, port)
+
+            statuses = [fetch(port, "/api/echo").status for _ in range(15)]
+            # The burst (5) above the first request passes at once; then one per second.
+            assert statuses[:6] == [200] * 6 and statuses.count(429) >= 8, statuses
+            refused = fetch(port, "/api/echo")
+            assert refused.status == 429 and all(h in refused.headers for h in SECURITY_HEADERS)
+            with pytest.raises(InvalidStatus) as handshake:
+                connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10)
+            assert handshake.value.response.status_code == 429
+            # Another client address is not affected.
+            assert [fetch(port, "/api/echo", source="127.0.0.2").status for _ in range(5)] == [200] * 5
+            assert json.loads(fetch(port, "/api/echo", source="127.0.0.3").body)["headers"]["x-real-ip"] == "127.0.0.3"
         finally:
             processes.stop_all()

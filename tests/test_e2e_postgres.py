@@ -233,3 +233,76 @@ def test_skeleton_migrations_run_as_the_app_role_and_match_the_models(postgres: 
     checked = alembic("check")  # autogenerate finds nothing to add: models and migrations agree
     assert checked.returncode == 0 and "No new upgrade operations detected" in checked.stdout + checked.stderr, checked.stderr
     assert postgres.as_app("insert into notes (body) values ('hi') returning id").stdout.strip() == "1"
+
+
+STANDIN_ENTRYPOINT = Path(__file__).resolve().parent / "standins" / "postgres-entrypoint.sh"
+
+
+@pytest.mark.parametrize("env_file", ["", "POSTGRES_MEMORY=1G\n"])
+def test_start_postgres_sizes_memory_for_the_container_limit(tmp_path: Path, env_file: str) -> None:
+    """The rendered postgres/start-postgres.sh, run as the container runs it (the image's
+    entrypoint is the boot tests' stand-in, on PATH), with a cgroup directory whose memory.max is
+    what Docker sets for this project: the default limit, then one changed in .env (no
+    re-rendering). PostgreSQL's memory settings follow it."""
+    project = render(tmp_path / "p", services=["postgres"])
+    (project / ".env").write_text(env_file)
+    service = compose_model(project, "compose.yaml")["services"]["postgres"]
+    limit = int(service["deploy"]["resources"]["limits"]["memory"])
+    environment = service["environment"]
+    processes = Processes()
+    with server_root("pg-memory") as root:
+        try:
+            bin_dir, config, cgroup = root / "bin", root / "etc/postgresql", root / "cgroup"
+            for path in (bin_dir, config, cgroup):
+                path.mkdir(parents=True)
+            shutil.copy(STANDIN_ENTRYPOINT, bin_dir / "docker-entrypoint.sh")
+            (bin_dir / "docker-entrypoint.sh").chmod(0o755)
+            for name in ("start-postgres.sh", "pg_hba.conf", "app-role.sql"):
+                shutil.copy(project / "postgres" / name, config / name)
+            (cgroup / "memory.max").write_text(f"{limit}\n")
+            shutil.copytree(project / "secrets", root / "secrets")
+            data, run, tmp = root / "data", root / "run", root / "tmp"
+            for path in (data, run, tmp):
+                path.mkdir(mode=0o700)
+            if AS_ROOT:
+                for path in (data, run, tmp, root / "secrets", *(root / "secrets").iterdir()):
+                    os.chown(path, NOBODY, NOBODY)
+            port = free_port()
+            env = {
+                "PATH": f"{bin_dir}:{POSTGRES_BIN}:/usr/bin:/bin",
+                "LC_ALL": "C.UTF-8",
+                "PGDATA": str(data),
+                "PGHOST": str(run),  # the stand-in's first-start createdb, through the socket
+                "PGPORT": str(port),
+                **{name: environment[name] for name in ("POSTGRES_DB", "POSTGRES_USER", "POSTGRES_APP_USER")},
+                "POSTGRES_INITDB_ARGS": environment["POSTGRES_INITDB_ARGS"],
+                "POSTGRES_PASSWORD_FILE": str(root / "secrets/postgres_password"),
+                "POSTGRES_APP_PASSWORD_FILE": str(root / "secrets/postgres_app_password"),
+                "POSTGRES_PORT": str(port),
+                "POSTGRES_CONFIG_DIR": str(config),
+                "POSTGRES_RUN_DIR": str(run),
+                "TMPDIR": str(tmp),
+                "CGROUP_DIR": str(cgroup),
+            }
+            # Options to the script reach the server, as a `command:` in compose.override.yaml would.
+            # (Not listen_addresses: the first start's temporary server must stay on the socket.)
+            command = ["sh", config / "start-postgres.sh", "-c", f"unix_socket_directories={run}"]
+            process = processes.start(as_unprivileged(command), root / "postgres.log", env=env)
+            ready = wait_until(lambda: (run / "app-role.ready").exists() or process.poll() is not None, timeout=90)
+            assert ready and process.poll() is None, (root / "postgres.log").read_text()
+
+            postgres = Postgres(project, root, port, environment, service["environment"])
+            settings = ("shared_buffers", "effective_cache_size", "work_mem", "maintenance_work_mem")
+            query = ", ".join(f"pg_size_bytes(current_setting('{name}'))" for name in settings)
+            values = map(int, postgres.as_superuser(f"select {query}").split("|"))
+            sizes = dict(zip(settings, values, strict=True))
+            assert sizes == {
+                "shared_buffers": limit // 4,
+                "effective_cache_size": limit * 3 // 4,
+                "work_mem": min(max(limit // 256, 2**20), 64 * 2**20),
+                "maintenance_work_mem": min(max(limit // 16, 2**20), 2**30),
+            }
+            if env_file:
+                assert limit == 2**30 and postgres.as_superuser("show shared_buffers") == "256MB"
+        finally:
+            processes.stop_all()

@@ -41,8 +41,8 @@ from servers import (
 from test_e2e_acme import SYSTEM_PATH, served_certificate
 from test_e2e_nginx import start_backend
 
-from conftest import GRADE, TESTS, render, run
-from nginx_stage import stage, stage_entrypoint
+from conftest import GRADE, TESTS, render
+from nginx_stage import build_spa, stage, stage_entrypoint
 
 pytestmark = [
     pytest.mark.e2e,
@@ -150,8 +150,7 @@ def start_frontend(processes: Processes, root: Path, project: Path, backend: int
     """The SPA's nginx (its image's entrypoint, then nginx) on a free port, as nobody."""
     port = free_port()
     conf = stage(project, "frontend", root, upstreams={"backend": f"127.0.0.1:{backend}"}, ports={8080: port})
-    run("node", "build.mjs", cwd=project / "frontend")
-    shutil.copytree(project / "frontend/dist", root / "usr/share/nginx/html", dirs_exist_ok=True)
+    shutil.copytree(build_spa(project), root / "usr/share/nginx/html", dirs_exist_ok=True)
     entrypoint, env = stage_entrypoint(project, "frontend", root)
     writable_by_server(root / "tmp")
     command = as_unprivileged(["sh", entrypoint, "nginx", "-e", "stderr", "-c", conf, "-g", "daemon off;"])

@@ -72,6 +72,7 @@ def test_interactive_copy_with_multiselect_and_validation_error(tmp_path: Path) 
         answer("Public domain name", CLEAR_LINE + "demo example" + ENTER)
         child.expect_exact("domain: must be a lowercase fully-qualified domain name")
         child.send(CLEAR_LINE + "demo.example.org" + ENTER)
+        answer("Other names of the site", CLEAR_LINE + "www.demo.example.org" + ENTER)
         answer("Contact e-mail", ENTER)
         answer("Backend code", ENTER)
         answer("Python version", ENTER)
@@ -82,12 +83,15 @@ def test_interactive_copy_with_multiselect_and_validation_error(tmp_path: Path) 
         answer("Celery queues", CLEAR_LINE + "default,long" + ENTER)
         answer("How traffic reaches the app", ENTER)
         answer("Name of the external Docker network", ENTER)
+        answer("Also render stack.yaml for Docker Swarm", ENTER)
         answer("Other CORS origins", ENTER)
         answer("PostgreSQL major version", ENTER)
         answer("Redis version", ENTER)
         answer("nginx version", ENTER)
         answer("Lowest vulnerability severity", ENTER)
         answer("Dependency update bot", ENTER)
+        answer("CPUs (cores) of the host", CLEAR_LINE + "2" + ENTER)
+        answer("Memory of the host in GB", CLEAR_LINE + "4" + ENTER)
         child.expect_exact('Project "Demo Shop" is ready')
         child.expect(pexpect.EOF)
     finally:
@@ -98,6 +102,12 @@ def test_interactive_copy_with_multiselect_and_validation_error(tmp_path: Path) 
     assert answers["domain"] == "demo.example.org"
     assert answers["project_slug"] == "demo_shop"
     assert answers["services"] == ["postgres", "redis", "celery_worker"]
+    assert (answers["extra_domains"], answers["swarm"], answers["host_cpus"], answers["host_memory_gb"]) == (
+        "www.demo.example.org",
+        False,
+        "2",
+        "4",
+    )
     compose = (destination / "compose.yaml").read_text()
     assert "worker_default:" in compose and "worker_long:" in compose
     assert (destination / "secrets" / "postgres_password").is_file()

@@ -58,6 +58,8 @@ def topologies() -> list[dict]:
         }
         if "celery_worker" in services:
             data["celery_queues"] = "default,long" if i % 2 else "default"
+        if i % 3 == 1:
+            data["extra_domains"] = "www.app.example.org,app.example.net"
         if "postgres" in services:
             data["postgres_version"] = "18" if i % 4 == 1 else QUESTIONS["postgres_version"]["default"]
             if data["backend"] == EXISTING and i % 2 == 0:
@@ -76,6 +78,8 @@ def case_id(data: dict) -> str:
         parts.append(f"q{len(data['celery_queues'].split(','))}")
     if "migrate_command" in data:
         parts.append("migrate")
+    if "extra_domains" in data:
+        parts.append("names")
     return "-".join(parts)
 
 
@@ -177,6 +181,52 @@ def test_topology_renders_hardened_and_valid(data: dict, tmp_path: Path, self_si
     assert not identical_files(project)
     for package in project.rglob("package*.json"):
         json.loads(package.read_text())
+
+
+HOST_SIZES = ["1", "2", "4", "16"]  # host_memory_gb answers: GB of the host
+FULL_STACK = {"proxy_mode": "nginx-certbot", "frontend": "spa", "services": ["postgres", "redis", "celery_worker", "celery_beat"]}
+# The biggest stacks: three and eight worker queues, beat, the SPA and the self-hosted proxy.
+BIG_STACKS = [{**FULL_STACK, "celery_queues": queues} for queues in ("default,long,bulk", "q1,q2,q3,q4,q5,q6,q7,q8")]
+SIZED_ANSWERS = ("proxy_mode", "frontend", "services", "celery_queues")
+
+
+def sizing_cases() -> list[tuple[dict, str, str]]:
+    """(topology, host_memory_gb, host_cpus): every topology of the matrix at one host size,
+    and the biggest stacks at every size."""
+    matrix = [{k: v for k, v in t.items() if k in SIZED_ANSWERS} for t in topologies()]
+    cases = [(t, HOST_SIZES[i % len(HOST_SIZES)], str(1 + i % 3)) for i, t in enumerate(matrix)]
+    return cases + [(stack, size, "2") for stack in BIG_STACKS for size in HOST_SIZES]
+
+
+def sizing_id(case: tuple[dict, str, str]) -> str:
+    topology, memory_gb, cpus = case
+    queues = len(topology["celery_queues"].split(",")) if "celery_queues" in topology else 0
+    services = "+".join(topology["services"]) or "api"
+    return f"{topology['proxy_mode']}-{topology['frontend']}-{services}-q{queues}-{memory_gb}GB-{cpus}cpu"
+
+
+@pytest.mark.parametrize("case", sizing_cases(), ids=sizing_id)
+def test_default_limits_fit_the_host(case: tuple[dict, str, str], tmp_path: Path) -> None:
+    """The default memory limits of all services (every worker queue included) add up to at most
+    75 % of host_memory_gb, and no CPU limit exceeds host_cpus (Docker refuses that); a host too
+    small for the services is refused with a message saying so."""
+    data, memory_gb, cpus = case
+    try:
+        project = render(tmp_path / "p", tasks=False, host_memory_gb=memory_gb, host_cpus=cpus, **data)
+    except ValueError as error:
+        assert f"host_memory_gb: {memory_gb} GB leaves" in str(error)
+        assert int(memory_gb) <= 2, "refused a host that should fit"
+        return
+    budget = int(memory_gb) * 2**30 * 3 // 4
+    # compose.yaml: every service (compose.test.yaml has the same limits, without certbot).
+    resources = [service["deploy"]["resources"] for service in compose_model(project, "compose.yaml")["services"].values()]
+    memory = [int(r["limits"]["memory"]) for r in resources]
+    assert sum(memory) <= budget, f"{sum(memory) / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"
+    assert all(int(r["reservations"]["memory"]) < int(r["limits"]["memory"]) for r in resources)
+    assert max(float(r["limits"]["cpus"]) for r in resources) <= int(cpus)
+    if int(memory_gb) >= 4:
+        # Room on a bigger host goes to the services: together at least half the budget.
+        assert sum(memory) >= budget // 2
 
 
 @pytest.mark.parametrize("proxy_mode", choices("proxy_mode"))

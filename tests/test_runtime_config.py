@@ -38,3 +38,13 @@ def test_runtime_config_refuses_injection(entrypoint: Path, tmp_path: Path, valu
     assert result.returncode == 1
     assert "API_BASE_URL may only contain" in result.stderr
     assert not (tmp_path / "config.js").exists() and "started" not in result.stdout
+
+
+@pytest.mark.parametrize("value", ["10r/s; allow all", "-1", "1.5", "$(id)"])
+def test_rate_limit_refuses_anything_but_a_whole_number(entrypoint: Path, tmp_path: Path, value: str) -> None:
+    """API_RATE_LIMIT and API_RATE_BURST become nginx directives: nothing else can get in."""
+    for name in ("API_RATE_LIMIT", "API_RATE_BURST"):
+        result = start(entrypoint, tmp_path, **{name: value})
+        assert result.returncode == 1 and "started" not in result.stdout
+        assert f"{name} must be a whole number" in result.stderr
+        assert not list((tmp_path / "tmp" / "nginx").glob("*limit*"))

@@ -20,6 +20,17 @@ BAD_ANSWERS = [
     ({"domain": "Example.ORG"}, "domain: must be a lowercase fully-qualified"),
     ({"domain": "*.example.org"}, "domain: must be a lowercase fully-qualified"),
     ({"domain": "-bad.example.org"}, "domain: must be a lowercase fully-qualified"),
+    ({"extra_domains": "www.app.example.org; return 200"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "www.app.example.org\nserver_name evil.org"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "www.app.example.org, app.example.net"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "www.app.example.org,"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "*.app.example.org"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "WWW.app.example.org"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "$(reboot).example.org"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "localhost"}, "extra_domains: must be comma-separated lowercase"),
+    ({"extra_domains": "www.app.example.org,app.example.org"}, "extra_domains: app.example.org is the domain itself"),
+    ({"extra_domains": "a.example.org,b.example.org,a.example.org"}, "extra_domains: each name may appear only once"),
+    ({"extra_domains": ",".join(f"n{i}.example.org" for i in range(21))}, "extra_domains: at most 20 names"),
     ({"email": "Admin <admin@example.org>"}, "email: must be a plain address"),
     ({"email": "admin@example.org\nBcc: x@y.org"}, "email: must be a plain address"),
     ({"email": "admin"}, "email: must be a plain address"),
@@ -55,6 +66,15 @@ BAD_ANSWERS = [
     ({"redis_version": "6.2"}, "redis_version: must be a Redis version from 7 on"),
     ({"redis_version": "6"}, "redis_version: must be a Redis version from 7 on"),
     ({"nginx_version": "1.27;"}, "nginx_version: must be an nginx version"),
+    ({"host_memory_gb": "0"}, "host_memory_gb: must be a whole number of GB"),
+    ({"host_memory_gb": "1.5"}, "host_memory_gb: must be a whole number of GB"),
+    ({"host_memory_gb": "2; reboot"}, "host_memory_gb: must be a whole number of GB"),
+    (
+        {"services": ["postgres", "redis", "celery_worker"], "celery_queues": "q1,q2,q3,q4,q5,q6,q7,q8", "host_memory_gb": "2"},
+        "host_memory_gb: 2 GB leaves 1536 MiB for the containers, and these services need at least",
+    ),
+    ({"host_cpus": "0"}, "host_cpus: must be a whole number of CPUs"),
+    ({"host_cpus": "two"}, "host_cpus: must be a whole number of CPUs"),
     ({"proxy_mode": "traefik"}, "Invalid choice"),
     ({"trivy_severity": "LOW"}, "Invalid choice"),
 ]
@@ -74,6 +94,7 @@ def test_good_edge_answers_are_accepted(tmp_path: Path) -> None:
         tmp_path / "project",
         project_name="A.b_c-d 1",
         domain="xn--bcher-kva.example.co.uk",
+        extra_domains="www.xn--bcher-kva.example.co.uk,example-2.org",
         email="ops+alerts@example.org",
         cors_origins="https://app.example.org,http://localhost:5173",
         services=["redis", "celery_worker"],
@@ -81,6 +102,7 @@ def test_good_edge_answers_are_accepted(tmp_path: Path) -> None:
         redis_version="8.0",
     )
     assert "worker_long_running:" in (project / "compose.yaml").read_text()
+    assert (project / ".copier-answers.yml").read_text().count("www.xn--bcher-kva.example.co.uk,example-2.org") == 1
 
 
 def test_answers_that_look_like_yaml_syntax_stay_strings(tmp_path: Path) -> None:
@@ -101,3 +123,13 @@ def test_cli_prints_one_line_message_and_exits_non_zero(tmp_path: Path) -> None:
     last_line = result.stderr.strip().splitlines()[-1]
     assert "domain: must be a lowercase fully-qualified domain name" in last_line
     assert not destination.exists()
+
+
+def test_host_memory_default_is_a_small_vps_or_the_least_the_services_fit_in(tmp_path: Path) -> None:
+    """Without an answer: 2 GB, unless the chosen services need more (then the smallest that fits),
+    so `--defaults` (and `copier update` adding the question) never stops on it."""
+    small = render(tmp_path / "small", tasks=False)
+    assert "host_memory_gb: '2'" in (small / ".copier-answers.yml").read_text()
+    queues = "q1,q2,q3,q4,q5,q6,q7,q8"
+    big = render(tmp_path / "big", tasks=False, services=["postgres", "redis", "celery_worker"], celery_queues=queues)
+    assert "host_memory_gb: '3'" in (big / ".copier-answers.yml").read_text()
