@@ -5,7 +5,8 @@ never lose a project: problems become warnings and the task still succeeds. The 
 done by the project's own scripts, the same ones `make secrets` and `make pin` run. It also says
 which files of an existing repository the first copy kept (copier.yml's first-copy rule), and, for
 an existing app (backend=existing), what the app still lacks to meet the contract of
-docs/OPERATIONS.md#your-application.
+docs/OPERATIONS.md#your-application, and, for a skeleton updated to schema migrations, which pins
+its own requirements.in lacks.
 """
 
 import fnmatch
@@ -28,6 +29,8 @@ HEADER_LINES = 5
 WITHOUT_HEADER = (".json", ANSWERS_FILE)
 # A requirement line for a distribution (PEP 503 names compare case-insensitively, - _ . alike).
 REQUIREMENT = r"^\s*{}\s*(\[[^\]]*\])?\s*(==|>=|~=|<|>|!=|@|;|\\|$)"
+# What the skeleton's migrations (backend/migrations/, the migrate service) import.
+MIGRATION_PACKAGES = ("alembic", "sqlalchemy")
 
 
 def run_project_script(project: Path, name: str, function: str, *args: object) -> None:
@@ -147,6 +150,27 @@ def report_contract(project: Path, answers: dict) -> None:
               "needs to wait for them.", file=sys.stderr)  # fmt: skip
 
 
+def missing_migration_pins(project: Path) -> list[str]:
+    """The template's pins of MIGRATION_PACKAGES that the project's backend/requirements.in lacks:
+    a project generated before the migrate service gets backend/migrations/ on update, but its
+    requirements.in is the user's and never rewritten."""
+    requirements = project / "backend" / "requirements.in"
+    if not (project / "backend" / "migrations").is_dir() or not requirements.is_file():
+        return []
+    text = requirements.read_text(errors="replace")
+    template_in = next((TEMPLATE_ROOT / CONFIG["_subdirectory"] / "backend").glob("*requirements.in*"))
+    pins = [line for line in template_in.read_text().splitlines() if line.split("==")[0].lower() in MIGRATION_PACKAGES]
+    return [pin for pin in pins if not names_requirement(text, pin.split("==")[0])]
+
+
+def report_missing_migration_pins(project: Path) -> None:
+    missing = missing_migration_pins(project)
+    if missing:
+        print(f"WARNING: the migrate service runs Alembic, but backend/requirements.in (yours: an update never changes it) "
+              f"lacks {', '.join(missing)}. Add these lines, run `make lock`, then `make up`; until then `make up` "
+              "stops at the migrate service (docs/OPERATIONS.md#schema-migrations).", file=sys.stderr)  # fmt: skip
+
+
 def main(operation: str) -> int:
     project = Path.cwd()
     # During `copier update`, Copier also runs tasks in throw-away renders of the old and new
@@ -159,6 +183,7 @@ def main(operation: str) -> int:
             report_kept(project, answers)
         if answers.get("backend") == "existing":
             report_contract(project, answers)
+        report_missing_migration_pins(project)
     except Exception as exc:
         print(f"WARNING: could not check the project's files ({exc}).", file=sys.stderr)
     run_project_script(project, "ensure_secrets.py", "main")

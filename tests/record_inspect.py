@@ -3,9 +3,10 @@
     sudo python3 tests/record_inspect.py     (root: a throw-away dockerd; debootstrap; ~5 minutes)
 
 Renders the topology in ANSWERS, builds its images on the stand-in bases (tests/standins), boots
-its test stack (compose.test.yaml) until every service is healthy, and stores, untrimmed, what
-scripts/verify.py reads from a real engine: `docker inspect` of every container and of every
-network they join. tests/test_verify.py derives one weakened copy per hardening rule from it.
+its test stack (compose.test.yaml) until every service is healthy (and the one-shot migrate
+service has exited 0), and stores, untrimmed, what scripts/verify.py reads from a real engine:
+`docker inspect` of every container, exited ones included, and of every network they join.
+tests/test_verify.py derives one weakened copy per hardening rule from it.
 """
 
 import json
@@ -39,7 +40,7 @@ def record(engine: Engine, work: Path) -> dict:
         project, "compose.test.yaml", "up", "--detach", "--wait", "--wait-timeout", "240", "--no-build", HTTP_PORT=port
     )
     try:
-        ids = engine.compose(project, "compose.test.yaml", "ps", "--quiet").stdout.split()
+        ids = engine.compose(project, "compose.test.yaml", "ps", "--all", "--quiet").stdout.split()
         containers = sorted(engine.inspect("container", *ids), key=lambda c: c["Name"])
         networks = sorted({n for c in containers for n in c["NetworkSettings"]["Networks"]})
         return {"answers": ANSWERS, "containers": containers, "networks": engine.inspect("network", *networks)}

@@ -15,13 +15,14 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from docker_engine import BASE_IMAGE, Engine, build_standins
 from servers import free_port
 
-from conftest import IDLE_MEMORY, healthcheck_argv, render
+from conftest import IDLE_MEMORY, healthcheck_argv, render, rendered_verify
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("docker")]
 
@@ -111,7 +112,10 @@ def check_healthchecks(engine: Engine, project: Path, model: dict) -> None:
     secrets, networks: the broker and database stay reachable) whose main process is a `sleep`.
     The images the project builds declare no healthcheck of their own (one place: Compose)."""
     problems = []  # every service is checked, so one run shows every broken healthcheck
+    one_shot = rendered_verify(project).ONE_SHOT_SERVICES  # they run once and have no healthcheck
     for name, service in model["services"].items():
+        if name in one_shot:
+            continue
         if "build" in service and engine.inspect("image", service["image"])[0]["Config"].get("Healthcheck"):
             problems.append(f"{name}: its image declares a healthcheck too")
         container = engine.compose(project, "compose.test.yaml", "ps", "--quiet", name).stdout.strip()
@@ -156,6 +160,76 @@ def idle_memory(engine: Engine, project: Path) -> str:
     return "\n".join([*lines, f"{'all containers':<44} {used / 2**20:>12.1f}MiB"])
 
 
+# --- Schema migrations: the one-shot migrate service and the Makefile's targets ------------------
+
+
+def superuser_sql(engine: Engine, project: Path, statement: str, **env: str) -> str:
+    """One SQL statement as the database superuser, in the test stack's postgres container."""
+    password = 'PGPASSWORD="$(cat "$POSTGRES_PASSWORD_FILE")"'
+    login = f'{password} psql -X -qtA -h 127.0.0.1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c "$0"'
+    return engine.compose(
+        project, "compose.test.yaml", "exec", "-T", "postgres", "sh", "-c", login, statement, **env
+    ).stdout.strip()
+
+
+def make(engine: Engine, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A Makefile target against the test engine; compose targets on the test stack (COMPOSE)."""
+    test_stack = " ".join(f"-f {name}" for name in rendered_verify(project).COMPOSE_FILES["test"])
+    command = ["make", "-s", *args, f"COMPOSE=docker compose {test_stack}"]
+    return subprocess.run(command, cwd=project, env=engine.env, capture_output=True, text=True)
+
+
+def check_migrations(engine: Engine, project: Path, model: dict, port: int, *, makemigration: bool) -> None:
+    """migrate ran to completion before the backend started, as the application role, to the head
+    revision; `make migrate` again changes nothing. makemigration: `make makemigration` writes the
+    next revision from a changed model into backend/migrations/versions/, and once the image is
+    rebuilt `make migrate` applies it."""
+
+    def compose(*args: str) -> subprocess.CompletedProcess[str]:
+        return engine.compose(project, "compose.test.yaml", *args, HTTP_PORT=str(port))
+
+    def as_superuser(statement: str) -> str:
+        return superuser_sql(engine, project, statement, HTTP_PORT=str(port))
+
+    def alembic_current() -> str:
+        return compose("run", "--rm", "--no-deps", "migrate", "alembic", "current").stdout.strip()
+
+    (migrate,) = engine.inspect("container", *compose("ps", "--all", "--quiet", "migrate").stdout.split())
+    (backend,) = engine.inspect("container", *compose("ps", "--quiet", "backend").stdout.split())
+    assert (migrate["State"]["Status"], migrate["State"]["ExitCode"]) == ("exited", 0)
+    finished = datetime.fromisoformat(migrate["State"]["FinishedAt"])
+    assert finished <= datetime.fromisoformat(backend["State"]["StartedAt"]), "the backend started before migrate ended"
+    # Only the secret it needs; no superuser password.
+    assert [m["Destination"] for m in migrate["Mounts"] if m["Destination"].startswith("/run/secrets/")] == [
+        "/run/secrets/postgres_app_password"
+    ]
+    app_user = model["services"]["backend"]["environment"]["POSTGRES_USER"]
+    assert as_superuser("select tableowner from pg_tables where tablename = 'notes'") == app_user
+    assert alembic_current() == "0001 (head)"
+
+    # Running the migrations again (make migrate) is a no-op: same revision, data kept.
+    as_superuser("insert into notes (body) values ('kept')")
+    again = make(engine, project, "migrate")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Running upgrade" not in again.stderr
+    assert as_superuser("select body from notes") == "kept" and alembic_current() == "0001 (head)"
+
+    if makemigration:
+        models = project / "backend" / "app" / "models.py"
+        models.write_text(models.read_text() + "    title: Mapped[str | None] = mapped_column(Text)\n")
+        written = make(engine, project, "makemigration", "MESSAGE=add title")
+        assert written.returncode == 0, written.stdout + written.stderr
+        (revision,) = (project / "backend" / "migrations" / "versions").glob("*_add_title.py")
+        assert revision.stat().st_uid == os.getuid()
+        assert "op.add_column('notes', sa.Column('title', sa.Text(), nullable=True))" in revision.read_text()
+        head = re.search(r"^revision: str = '(\w+)'$", revision.read_text(), re.MULTILINE)[1]
+        engine.build(model["services"]["backend"]["image"], project / "backend")
+        applied = make(engine, project, "migrate")
+        assert applied.returncode == 0 and "Running upgrade 0001 -> " in applied.stderr, applied.stdout + applied.stderr
+        assert alembic_current() == f"{head} (head)"
+        assert as_superuser("select title is null from notes where body = 'kept'") == "t"
+
+
 @pytest.mark.parametrize("name", TOPOLOGIES)
 def test_boot_topology_is_healthy_verified_and_isolated(
     engine: Engine, tmp_path: Path, name: str, record_property: Callable[[str, object], None]
@@ -196,8 +270,11 @@ def test_boot_topology_is_healthy_verified_and_isolated(
             status, page = http(port, "/")
             assert status == 200 and b"Boot Demo" in page
 
+        check_migrations(engine, project, model, port, makemigration=name.startswith("none"))
+
+        # Every service runs, but the one-shots, which exited 0 (checked by verify above).
         containers = engine.compose(project, "compose.test.yaml", "ps", "--quiet").stdout.split()
-        assert len(containers) == len(model["services"])
+        assert len(containers) == len(set(model["services"]) - rendered_verify(project).ONE_SHOT_SERVICES)
         for container in containers:
             write = engine.docker("exec", container, "sh", "-c", "touch /hardened-compose-probe", check=False)
             assert write.returncode != 0 and "Read-only file system" in write.stderr, container
@@ -381,10 +458,11 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
     def secret(name: str) -> str:
         return (project / "secrets" / name).read_text()
 
-    def rotate(name: str) -> None:
+    def rotate(name: str) -> str:
         command = ["python3", "scripts/rotate_secret.py", "--compose-file", "compose.test.yaml", name]
         result = subprocess.run(command, cwd=project, env={**engine.env, "HTTP_PORT": str(port)}, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
 
     try:
         compose("up", "--detach", "--wait", "--no-build")
@@ -392,14 +470,16 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
             psql(
                 "POSTGRES_APP_USER",
                 secret("postgres_app_password"),
-                "create table notes (body text); insert into notes values ('kept')",
+                "insert into notes (body) values ('kept')",  # the first migration's table
             ).returncode
             == 0
         )
 
         for name, user_variable in (("postgres_app_password", "POSTGRES_APP_USER"), ("postgres_password", "POSTGRES_USER")):
             old = secret(name)
-            rotate(name)
+            restarted = rotate(name)
+            if name == "postgres_app_password":  # not the one-shot migrate: it reads the secret when it next runs
+                assert "restarted postgres, backend\n" in restarted, restarted
             assert secret(name) != old
             assert psql(user_variable, old, "select 1").returncode != 0, f"{name}: the old password still works"
             assert psql(user_variable, secret(name), "select body from notes").stdout.strip() == "kept"
@@ -415,5 +495,36 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
         rotate("app_secret_key")
         assert http(port, "/api/health") == (200, b'{"status":"ok"}')
         assert not list((project / "secrets").glob(".*.previous"))
+    finally:
+        compose("down", "--volumes", check=False)
+
+
+def test_boot_failed_migration_starts_no_backend_and_leaves_no_trace(engine: Engine, tmp_path: Path) -> None:
+    """A migration that fails on the first start: `up` fails naming migrate, migrate exited
+    non-zero with the database's reason in its log, the backend was never started, and the
+    pending migrations rolled back together (PostgreSQL's DDL is transactional)."""
+    project = render(
+        tmp_path / "p", project_name="Migrate Demo", services=["postgres"], frontend="none", proxy_mode="none", **COMMON
+    )
+    broken = 'revision = "0002"\ndown_revision = "0001"\n\n\ndef upgrade() -> None:\n    op.execute("select 1/0")\n'
+    versions = project / "backend" / "migrations" / "versions"
+    (versions / "0002_broken.py").write_text("from alembic import op\n\n" + broken)
+    model = json.loads(engine.compose(project, "compose.test.yaml", "config", "--format", "json").stdout)
+    engine.build(model["services"]["backend"]["image"], project / "backend")
+    port = free_port()
+
+    def compose(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return engine.compose(project, "compose.test.yaml", *args, check=check, HTTP_PORT=str(port))
+
+    try:
+        failed = compose("up", "--detach", "--wait", "--no-build", check=False)
+        assert failed.returncode != 0 and "migrate" in failed.stderr, failed.stderr
+        (migrate,) = engine.inspect("container", *compose("ps", "--all", "--quiet", "migrate").stdout.split())
+        assert migrate["State"]["Status"] == "exited" and migrate["State"]["ExitCode"] != 0
+        assert "division by zero" in compose("logs", "migrate").stdout
+        for container in compose("ps", "--all", "--quiet", "backend").stdout.split():
+            (backend,) = engine.inspect("container", container)
+            assert backend["State"]["StartedAt"].startswith("0001-01-01"), "the backend started on an unmigrated schema"
+        assert superuser_sql(engine, project, "select count(*) from pg_tables where schemaname = 'public'") == "0"
     finally:
         compose("down", "--volumes", check=False)

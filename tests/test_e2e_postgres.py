@@ -9,6 +9,7 @@ postgres/start-postgres.sh does in the container (the boot tests run that script
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,38 @@ def test_existing_superuser_data_moves_to_the_app_role_idempotently_and_password
     assert postgres.set_up_app_role().returncode == 0
     assert postgres.as_app("select count(*) from orders").stdout.strip() == "3"
     assert postgres.psql("select 1", postgres.backend["POSTGRES_USER"], old).returncode != 0
+
+
+def test_skeleton_migrations_run_as_the_app_role_and_match_the_models(postgres: Postgres) -> None:
+    """backend/migrations with the rendered settings: Alembic connects as the application role
+    (URL from POSTGRES_* and the password file, as the app), creates the first migration's table
+    owned by that role, the models need no further migration, and upgrading again changes nothing.
+    (The boot tests run the same in the migrate container.)"""
+    assert postgres.set_up_app_role().returncode == 0
+    backend = postgres.project / "backend"
+    assert "sqlalchemy.url" not in (backend / "alembic.ini").read_text()  # no URL (or password) in the ini
+    env = {
+        "PATH": os.environ["PATH"],
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": str(postgres.port),
+        "POSTGRES_DB": postgres.backend["POSTGRES_DB"],
+        "POSTGRES_USER": postgres.backend["POSTGRES_USER"],
+        "POSTGRES_PASSWORD_FILE": str(postgres.secret("postgres_app_password")),
+    }
+
+    def alembic(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "alembic", *args], cwd=backend, env=env, capture_output=True, text=True)
+
+    for _ in range(2):  # the second run is a no-op
+        upgraded = alembic("upgrade", "head")
+        assert upgraded.returncode == 0, upgraded.stderr
+    app_user = postgres.backend["POSTGRES_USER"]
+    assert postgres.as_superuser("select tableowner from pg_tables where tablename = 'notes'") == app_user
+    assert postgres.as_superuser("select version_num from alembic_version") == "0001"
+    assert alembic("current").stdout.strip() == "0001 (head)"
+    checked = alembic("check")  # autogenerate finds nothing to add: models and migrations agree
+    assert checked.returncode == 0 and "No new upgrade operations detected" in checked.stdout + checked.stderr, checked.stderr
+    assert postgres.as_app("insert into notes (body) values ('hi') returning id").stdout.strip() == "1"
 
 
 STANDIN_ENTRYPOINT = Path(__file__).resolve().parent / "standins" / "postgres-entrypoint.sh"

@@ -62,6 +62,8 @@ def topologies() -> list[dict]:
             data["extra_domains"] = "www.app.example.org,app.example.net"
         if "postgres" in services:
             data["postgres_version"] = "18" if i % 4 == 1 else QUESTIONS["postgres_version"]["default"]
+            if data["backend"] == EXISTING and i % 2 == 0:
+                data["migrate_command"] = "python -m myapp.migrate --to=head"
         cases.append(data)
     return cases
 
@@ -74,6 +76,8 @@ def case_id(data: dict) -> str:
         parts.append(f"pg{data['postgres_version']}")
     if "celery_queues" in data:
         parts.append(f"q{len(data['celery_queues'].split(','))}")
+    if "migrate_command" in data:
+        parts.append("migrate")
     if "extra_domains" in data:
         parts.append("names")
     return "-".join(parts)
@@ -246,3 +250,44 @@ def test_operations_doc_daemon_json_is_valid_and_matches_the_stack(proxy_mode: s
     }
     logging = compose_model(project, "compose.yaml")["services"]["backend"]["logging"]
     assert logging == {"driver": settings["log-driver"], "options": settings["log-opts"]}
+
+
+# (answers, the migrate service's command or None when there is none)
+MIGRATE_CASES = [
+    ({"services": ["postgres", "redis", "celery_worker", "celery_beat"]}, ["alembic", "upgrade", "head"]),
+    ({"services": ["redis", "celery_worker"]}, None),  # no database, nothing to migrate
+    ({"backend": EXISTING, "services": ["postgres", "redis", "celery_worker"]}, None),  # not opted in
+    (
+        {"backend": EXISTING, "services": ["postgres", "redis", "celery_worker"], "migrate_command": "flask db upgrade"},
+        ["flask", "db", "upgrade"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("answers", "command"), MIGRATE_CASES, ids=["skeleton", "no-postgres", "existing", "existing-opted-in"])
+def test_migrate_runs_once_before_the_app_code_with_only_the_app_password(
+    answers: dict, command: list[str] | None, tmp_path: Path
+) -> None:
+    project = render(tmp_path / "p", frontend="none", proxy_mode="none", tasks=False, **answers)
+    makefile = (project / "Makefile").read_text()
+    assert (project / "backend" / "migrations").is_dir() == (command == ["alembic", "upgrade", "head"])
+    for compose_file in ("compose.yaml", "compose.test.yaml"):
+        services = compose_model(project, compose_file)["services"]
+        if command is None:
+            assert "migrate" not in services and "\nmigrate:" not in makefile
+            assert all("migrate" not in (s.get("depends_on") or {}) for s in services.values())
+            continue
+        migrate = services["migrate"]
+        assert migrate["command"] == command and migrate["restart"] == "no"
+        assert migrate["image"] == services["backend"]["image"] and migrate["user"] == services["backend"]["user"]
+        assert [secret["source"] for secret in migrate["secrets"]] == ["postgres_app_password"]
+        assert migrate["environment"]["POSTGRES_USER"] == services["backend"]["environment"]["POSTGRES_USER"]
+        assert list(migrate["networks"]) == ["data"] and list(migrate["depends_on"]) == ["postgres"]
+        # Everything that runs the app's code waits for it; the data services do not.
+        for name, service in services.items():
+            waits = (service.get("depends_on") or {}).get("migrate", {}).get("condition")
+            runs_app_code = name == "backend" or name.startswith("worker_") or name == "beat"
+            assert waits == ("service_completed_successfully" if runs_app_code else None), name
+    if command is not None:
+        assert "\nmigrate: ##" in makefile
+        assert ("\nmakemigration: ##" in makefile) == (answers.get("backend") != EXISTING)

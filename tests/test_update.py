@@ -249,3 +249,31 @@ def test_update_adds_the_redis_admin_secret_and_keeps_the_application_password(t
         "redis_admin_password",
     ]
     assert "redis_admin_password" not in str(services["backend"])
+
+
+def test_update_to_the_migrate_service_says_what_requirements_in_lacks(tmp_path: Path) -> None:
+    """A skeleton project from before schema migrations, updated: it gets backend/migrations/ and
+    the migrate service, its own requirements.in stays as it is, and the update says which pins
+    to add (else migrate, and so the backend, could not start)."""
+    template, project = tmp_path / "template", tmp_path / "project"
+    release(TEMPLATE, template, "v1.0.0")
+    (requirements_in,) = (template / "template" / "backend").glob("*requirements.in*")
+    today = requirements_in.read_text()
+    pins = [line for line in today.splitlines() if line.lower().startswith(("alembic==", "sqlalchemy=="))]
+    assert len(pins) == 2
+    requirements_in.write_text("".join(line + "\n" for line in today.splitlines() if line not in pins))
+    release(template, template, "v1.1.0")
+    copier("copy", "--trust", "--defaults", "--vcs-ref=v1.1.0", "--data=services=[postgres]", str(template), str(project))
+    run("git", "init", "-q", cwd=project)
+    commit(project, "generated before the migrations")
+    kept = snapshot(project, ["backend/requirements.in"])
+
+    requirements_in.write_text(today)
+    release(template, template, "v2.0.0")
+    result = copier("update", "--trust", "--defaults", "--vcs-ref=v2.0.0", cwd=project)
+    assert_clean_merge(project)
+    assert snapshot(project, list(kept)) == kept
+    assert (project / "backend" / "migrations" / "env.py").is_file()
+    warning = f"backend/requirements.in (yours: an update never changes it) lacks {', '.join(pins)}."
+    assert warning in " ".join(result.stderr.split()), result.stderr
+    assert "run `make lock`" in result.stderr

@@ -85,6 +85,51 @@ def tmpfs(options: str) -> Mutation:
 CASES = [
     ("unhealthy", "backend", lambda c: c["State"]["Health"].update(Status="unhealthy"), None, "not healthy (unhealthy)"),
     (
+        "stopped",
+        "backend",
+        lambda c: c["State"].update(Health=None, Running=False, Status="exited", ExitCode=0),
+        None,
+        "not healthy (exited (0))",
+    ),
+    # The one-shot migrate service: done only when it exited 0; it never restarts.
+    (
+        "one-shot-failed",
+        "migrate",
+        lambda c: c["State"].update(ExitCode=1),
+        None,
+        "one-shot service did not complete (exited (1))",
+    ),
+    (
+        "one-shot-running",
+        "migrate",
+        lambda c: c["State"].update(Running=True, Status="running"),
+        None,
+        "one-shot service did not complete (running)",
+    ),
+    (
+        "one-shot-restarts",
+        "migrate",
+        host(RestartPolicy={"Name": "unless-stopped", "MaximumRetryCount": 0}),
+        lambda s: s.update(restart="unless-stopped"),
+        "restart is unless-stopped, not no (a one-shot service runs once)",
+    ),
+    (
+        "one-shot-unlimited",
+        "migrate",
+        host(Memory=0),
+        lambda s: s["deploy"]["resources"]["limits"].pop("memory"),
+        "no memory limit",
+    ),
+    (
+        "depends-on-one-shot",
+        "backend",
+        lambda c: c["Config"]["Labels"].update(
+            {"com.docker.compose.depends_on": "postgres:service_healthy:false,migrate:service_started:false"}
+        ),
+        lambda s: s["depends_on"]["migrate"].update(condition="service_started"),
+        "depends on migrate without service_completed_successfully",
+    ),
+    (
         "privileged",
         "backend",
         host(Privileged=True),
@@ -364,7 +409,7 @@ def weakened(containers: list[dict], service: str, mutation: Mutation) -> list[d
 
 def test_recorded_stack_passes(verify: ModuleType) -> None:
     judged = judge_containers(verify, RECORDED["containers"], RECORDED["networks"])
-    assert judged == {"backend": [], "postgres": [], "redis": []}
+    assert judged == {"backend": [], "migrate": [], "postgres": [], "redis": []}
 
 
 def test_rendered_model_passes(verify: ModuleType, project: Path) -> None:
@@ -469,7 +514,7 @@ def test_config_command_judges_services_added_in_the_override(project: Path, tmp
         return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
 
     clean = check("compose.test.yaml")
-    assert clean.returncode == 0 and "3 services, 0 problems" in clean.stdout, clean.stdout + clean.stderr
+    assert clean.returncode == 0 and "4 services, 0 problems" in clean.stdout, clean.stdout + clean.stderr
     dangerous = check("compose.test.yaml", "intruder.yaml")
     assert dangerous.returncode == 1, dangerous.stdout + dangerous.stderr
     assert "verify --config: intruder: privileged: every capability and device of the host" in dangerous.stdout.splitlines()
