@@ -17,9 +17,10 @@ from plumbum import local
 TEMPLATE = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # record_property names of results printed in the terminal summary: a boot test's `docker stats`
-# table, an independent grader's verdict (tests/test_graders.py).
+# table, an independent grader's verdict (tests/test_graders.py), what the Swarm tests cost.
 IDLE_MEMORY = "idle memory"
 GRADE = "grade"
+COST = "seconds per phase"
 
 
 def render(dst: Path, env: dict[str, str] | None = None, tasks: bool = True, **data: object) -> Path:
@@ -147,10 +148,10 @@ def git_identity() -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The boot tests' idle memory tables and the graders' verdicts, shown whatever the capture
+    """The boot tests' idle memory tables, the graders' verdicts and the Swarm tests' costs, shown whatever the capture
     mode, with or without xdist (record_property travels with the test report from the worker)."""
     for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
         for name, value in report.user_properties:
-            if name in (IDLE_MEMORY, GRADE) and report.when == "call":
+            if name in (IDLE_MEMORY, GRADE, COST) and report.when == "call":
                 terminalreporter.write_sep("-", f"{name}: {report.nodeid}")
                 terminalreporter.write_line(str(value))

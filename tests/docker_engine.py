@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from servers import ServerNotReady, end_server, start_server, wait_ready
@@ -33,10 +34,27 @@ STANDIN_TAGS = {
 
 
 class Engine:
-    def __init__(self) -> None:
+    """dockerd with everything of its own under a temporary root.
+
+    namespace: run it in that network namespace (`ip netns`), under its own host name (the name
+    Swarm gives the node); its networks and firewall rules then stay in that namespace. nsenter
+    switches only the network namespace: `ip netns exec` would also remount /sys, without the
+    cgroup hierarchies dockerd needs. daemon_config: its daemon.json (never the host's
+    /etc/docker/daemon.json). options: more dockerd flags. build_network: `docker build
+    --network` (an engine without a bridge builds on the host's network)."""
+
+    def __init__(
+        self,
+        namespace: str | None = None,
+        daemon_config: dict | None = None,
+        options: Sequence[str] = (),
+        build_network: str | None = None,
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="hc-docker-"))
         self.socket = self.root / "docker.sock"
         self.pidfile = self.root / "docker.pid"
+        self.namespace = namespace
+        self.build_network = build_network
         # docker compose as a CLI plugin, for scripts that call `docker compose` (verify.py).
         plugins = self.root / "config" / "cli-plugins"
         plugins.mkdir(parents=True)
@@ -48,9 +66,18 @@ class Engine:
             "DOCKER_CONFIG": str(self.root / "config"),
             "DOCKER_BUILDKIT": "1",
         }
+        config = self.root / "daemon.json"
+        config.write_text(json.dumps(daemon_config or {}))
+        prefix: list[str | Path] = []
+        if namespace:
+            hostname = ["sh", "-c", 'hostname "$0" && exec "$@"', namespace]
+            prefix = ["nsenter", f"--net=/run/netns/{namespace}", "unshare", "--uts", *hostname]
         self.process = start_server(
             [
+                *prefix,
                 "dockerd",
+                "--config-file",
+                config,
                 "--data-root",
                 self.root / "data",
                 "--exec-root",
@@ -59,6 +86,7 @@ class Engine:
                 f"unix://{self.socket}",
                 "--pidfile",
                 self.pidfile,
+                *options,
             ],
             self.root / "dockerd.log",
             after=self._remove_root,
@@ -81,6 +109,7 @@ class Engine:
         args = ["build", "--quiet", "--tag", tag]
         args += [item for key, value in build_args.items() for item in ("--build-arg", f"{key}={value}")]
         args += ["--file", dockerfile] if dockerfile else []
+        args += ["--network", self.build_network] if self.build_network else []
         self.docker(*args, context, cli=BUILD_CLI)
 
     def compose(
@@ -103,7 +132,12 @@ class Engine:
         end_server(self.process)
 
     def _remove_root(self) -> None:
-        subprocess.run(["umount", "-R", self.root / "data"], capture_output=True)
+        # Whatever the engine left mounted under its root (layers, the network namespaces of
+        # its Swarm networks under exec/netns), deepest first.
+        with open("/proc/self/mountinfo") as mounts:
+            points = [line.split()[4] for line in mounts]
+        for point in sorted((p for p in points if p.startswith(f"{self.root}/")), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", point], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

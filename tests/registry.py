@@ -21,6 +21,7 @@ import http.client
 import http.server
 import io
 import json
+import subprocess
 import tarfile
 import threading
 import time
@@ -137,16 +138,27 @@ def _utc(timestamp: float):
 
 
 class Registry:
-    """docker-registry serving on 127.0.0.1; with a TokenServer it demands bearer tokens."""
+    """docker-registry serving on 127.0.0.1; with a TokenServer it demands bearer tokens.
 
-    def __init__(self, directory: Path, tokens: TokenServer | None = None, realm: str | None = None) -> None:
-        self.port = free_port()
+    namespace: serve on `address` inside that network namespace instead (for engines that run in
+    network namespaces of their own, tests/swarm_cluster.py)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        tokens: TokenServer | None = None,
+        realm: str | None = None,
+        namespace: str | None = None,
+        address: str = "127.0.0.1",
+    ) -> None:
+        self.port = free_port() if namespace is None else 5000  # nothing else listens in a namespace of its own
+        self.address = address
         self.tokens = tokens
         config = {
             "version": 0.1,
             "log": {"level": "error"},
             "storage": {"filesystem": {"rootdirectory": str(directory / "storage")}, "delete": {"enabled": True}},
-            "http": {"addr": f"127.0.0.1:{self.port}", "secret": "test-only-secret"},
+            "http": {"addr": f"{address}:{self.port}", "secret": "test-only-secret"},
         }
         if tokens:
             config["auth"] = {
@@ -159,13 +171,19 @@ class Registry:
             }
         path = directory / "registry.json"
         path.write_text(json.dumps(config))  # JSON is YAML
-        self.process = start_server(["docker-registry", "serve", path], directory / "registry.log")
+        enter = ["nsenter", f"--net=/run/netns/{namespace}"] if namespace else []
+        self.process = start_server([*enter, "docker-registry", "serve", path], directory / "registry.log")
         # The API root answers 200, or 401 with a token challenge when tokens are required.
-        wait_ready(self.process, lambda: http_status(self.port, "/v2/") == (401 if tokens else 200))
+        expected = 401 if tokens else 200
+        if namespace:
+            probe = [*enter, "curl", "--silent", "--output", "/dev/null", "--write-out", "%{http_code}", f"{self.url}/v2/"]
+            wait_ready(self.process, lambda: subprocess.run(probe, capture_output=True, text=True).stdout == str(expected))
+        else:
+            wait_ready(self.process, lambda: http_status(self.port, "/v2/") == expected)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}:{self.port}"
 
     def auth_header(self, repository: str) -> dict[str, str]:
         if not self.tokens:

@@ -10,7 +10,7 @@ declare -A packages=(
     [nginx]=nginx-light [openssl]=openssl [git]=git [setpriv]=util-linux [curl]=curl
     [docker-registry]=docker-registry [skopeo]=skopeo [redis-server]=redis-server
     [pebble]=pebble [certbot]=certbot [psql]=postgresql [node]=nodejs [npm]=npm
-    [dockerd]=docker.io [debootstrap]=debootstrap [iptables]=iptables [pipx]=pipx [age]=age
+    [dockerd]=docker.io [debootstrap]=debootstrap [iptables]=iptables [ip]=iproute2 [pipx]=pipx [age]=age
 )
 missing=()
 for command in "${!packages[@]}"; do
