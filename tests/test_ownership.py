@@ -50,7 +50,12 @@ EVERYTHING_ON = {
     "letsencrypt_staging": True,
     "swarm": True,
 }
-CHOICE_QUESTIONS = [name for name, q in CONFIG.items() if isinstance(q, dict) and ("choices" in q or q.get("type") == "bool")]
+# Questions with choices, and yes/no questions a user is asked (not the computed ones).
+CHOICE_QUESTIONS = [
+    name
+    for name, q in CONFIG.items()
+    if isinstance(q, dict) and ("choices" in q or (q.get("type") == "bool" and q.get("ask", True) is not False))
+]
 
 
 def answer_changes() -> list[tuple[str, object]]:
