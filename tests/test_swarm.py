@@ -177,6 +177,22 @@ def test_a_recorded_task_is_read_from_the_engine_and_the_kernel(full_stack: Path
     assert "no-new-privileges not set" not in verify.problems(enforced, test=False, secrets=[])
 
 
+def test_a_tmpfs_under_a_symbolic_link_is_found_in_the_mount_table(full_stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc/mounts names a mount by its real path: the postgres images' /var/run/postgresql is
+    /run/postgresql there (/var/run is a link to /run). The probe resolves each tmpfs path."""
+    verify = rendered_verify(full_stack)
+    monkeypatch.setattr(verify, "STACK", "t")
+    task = copy.deepcopy(RECORDED_TASK)
+    for mount in task["container"]["HostConfig"]["Mounts"]:
+        if mount["Target"] == "/newdir":
+            mount["Target"] = "/var/run/newdir"  # the mount table still says /newdir
+    probe = task["probe"].replace("writable /newdir", "writable /var/run/newdir") + "resolved /var/run/newdir /newdir\n"
+    networks = {n["Name"]: n for n in task["networks"]}
+    svc = verify.from_swarm_task(task["container"], networks, task["service"], probe)
+    assert svc.tmpfs["/var/run/newdir"].startswith("rw,nosuid,nodev,noexec,relatime,size=1024k")
+    assert not [r for r in verify.problems(svc, test=False, secrets=[]) if "/var/run/newdir" in r]
+
+
 def make(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k not in ("REGISTRY", "IMAGE_TAG")} | env
     return subprocess.run(["make", "-s", *args], cwd=project, capture_output=True, text=True, env=environment)
