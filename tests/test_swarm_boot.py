@@ -137,8 +137,15 @@ def test_two_engines_form_a_swarm_with_an_overlay_network_a_registry_and_no_new_
 
 
 def record_costs(cluster: Cluster, record_property: Callable[[str, object], None]) -> None:
-    kernel = f"IPVS: {'yes' if kernel_has_ipvs() else 'no'}, ESP: {'yes' if kernel_has_esp(cluster.hub) else 'no'}"
-    record_property(COST, "\n".join([*(f"{seconds:6.1f} s  {phase}" for phase, seconds in COSTS.items()), f"kernel: {kernel}"]))
+    ipvs, esp = kernel_has_ipvs(), kernel_has_esp(cluster.hub)
+    lines = [f"{seconds:6.1f} s  {phase}" for phase, seconds in COSTS.items()]
+    lines.append(f"kernel: IPVS: {'yes' if ipvs else 'no'}, ESP: {'yes' if esp else 'no'}")
+    if not ipvs:
+        lines.append("NOT EXERCISED (no IPVS): service virtual IPs; the stack was deployed with endpoint_mode dnsrr")
+    if not esp:
+        lines.append("NOT EXERCISED (no ESP): encrypted overlay traffic between nodes; deployed without `encrypted`"
+                     " (the rendered stack.yaml requests it: checked)")  # fmt: skip
+    record_property(COST, "\n".join(lines))
 
 
 # --- The project's own stack on the swarm -------------------------------------------------------
@@ -332,7 +339,9 @@ def test_swarm_verify_fails_on_a_weakened_service(deployment: Deployment) -> Non
         deployment.docker("service", "update", "--quiet", "--detach=false", "--cap-add", "NET_ADMIN", f"{STACK}_backend")
         try:
             weakened = deployment.make("swarm-verify", check=False)
-            assert weakened.returncode == 1, weakened.stdout + weakened.stderr
+            assert weakened.returncode != 0 and "8 tasks on 2 nodes, 2 failed" in weakened.stdout, (
+                weakened.stdout + weakened.stderr
+            )
             failed = [line for line in weakened.stdout.splitlines() if line.endswith("FAIL")]
             assert len(failed) == 2 and all(line.startswith(f"{STACK}_backend.") for line in failed), weakened.stdout
             assert "    - adds capabilities ['NET_ADMIN'] (the template needs none)" in weakened.stdout.splitlines()
