@@ -106,9 +106,15 @@ def test_two_engines_form_a_swarm_with_an_overlay_network_a_registry_and_no_new_
 
         # Each task reaches every task (itself and the one on the other node) over the overlay.
         # tasks.<service> lists the tasks' addresses, whether or not the kernel has IPVS for the VIP.
+        # A node learns of the other node's task through gossip, a moment after it runs: wait for both.
         fetch_all = (
-            "import socket, urllib.request\n"
-            "for ip in sorted(socket.gethostbyname_ex('tasks.probe')[2]):\n"
+            "import socket, time, urllib.request\n"
+            "for _ in range(60):\n"
+            "    ips = sorted(socket.gethostbyname_ex('tasks.probe')[2])\n"
+            "    if len(ips) == 2:\n"
+            "        break\n"
+            "    time.sleep(0.5)\n"
+            "for ip in ips:\n"
             "    print(ip, urllib.request.urlopen(f'http://{ip}:8000/', timeout=10).status)\n"
         )
         for node, container in tasks:
