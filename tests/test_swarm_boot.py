@@ -214,24 +214,35 @@ class Deployment:
         start: after backend tasks were replaced or moved, the frontend restarts to learn the new
         ones (docs/SWARM.md). With a virtual IP nothing is needed."""
         if not self.ipvs:
-            self.docker("service", "update", "--quiet", "--detach=false", "--force", f"{STACK}_frontend")
+            before = set(self.tasks("frontend"))
+            self.docker("service", "update", "--detach", "--force", f"{STACK}_frontend")
+            renewed = lambda: self.converged() and (now := set(self.tasks("frontend"))) and not now & before  # noqa: E731
+            assert wait_until(renewed, timeout=240, interval=2), self.docker("service", "ps", f"{STACK}_frontend").stdout
 
     def tasks(self, service: str) -> list[tuple[str, str]]:
         return running_tasks(self.cluster, f"{STACK}_{service}")
 
     def through_entry(self, *requests: tuple[str, str]) -> list[tuple[int, str]]:
         """(status, body) of each (method, path) sent to the entry service (frontend:8080) from a
-        probe container on the edge overlay network, on the data node (never drained here)."""
+        probe container on the edge overlay network, on the data node (never drained here). A
+        connection error is retried: DNS round robin may still list a task that just went away."""
         script = (
-            "import json, sys, urllib.error, urllib.request\n"
+            "import json, sys, time, urllib.error, urllib.request\n"
             "answers = []\n"
             "for method, path in json.loads(sys.argv[1]):\n"
             "    request = urllib.request.Request('http://frontend:8080' + path, method=method)\n"
-            "    try:\n"
-            "        with urllib.request.urlopen(request, timeout=40) as response:\n"
-            "            answers.append((response.status, response.read().decode()))\n"
-            "    except urllib.error.HTTPError as error:\n"
-            "        answers.append((error.code, error.read().decode()))\n"
+            "    for attempt in range(10):\n"
+            "        try:\n"
+            "            with urllib.request.urlopen(request, timeout=40) as response:\n"
+            "                answers.append((response.status, response.read().decode()))\n"
+            "            break\n"
+            "        except urllib.error.HTTPError as error:\n"
+            "            answers.append((error.code, error.read().decode()))\n"
+            "            break\n"
+            "        except OSError:\n"
+            "            time.sleep(1)\n"
+            "    else:\n"
+            "        answers.append((0, 'unreachable'))\n"
             "print(json.dumps(answers))\n"
         )
         engine = self.cluster.engines[1]
@@ -342,18 +353,19 @@ def test_stack_deploys_healthy_verified_and_serves_across_nodes(
 
 def test_swarm_verify_fails_on_a_weakened_service(deployment: Deployment) -> None:
     with timed("weakened backend: verify red, rolled back"):
-        deployment.docker("service", "update", "--quiet", "--detach=false", "--cap-add", "NET_ADMIN", f"{STACK}_backend")
+        # Polled, not `--detach=false`: that also waits out each update's 60 s monitor period.
+        deployment.docker("service", "update", "--detach", "--cap-add", "NET_ADMIN", f"{STACK}_backend")
         try:
-            weakened = deployment.make("swarm-verify", check=False)
-            assert weakened.returncode != 0 and "8 tasks on 2 nodes, 2 failed" in weakened.stdout, (
-                weakened.stdout + weakened.stderr
-            )
+            red = lambda: (r := deployment.make("swarm-verify", check=False)) and "8 tasks on 2 nodes, 2 failed" in r.stdout and r  # noqa: E731
+            weakened = wait_until(red, timeout=240, interval=3)
+            assert weakened and weakened.returncode != 0, deployment.make("swarm-verify", check=False).stdout
             failed = [line for line in weakened.stdout.splitlines() if line.endswith("FAIL")]
             assert len(failed) == 2 and all(line.startswith(f"{STACK}_backend.") for line in failed), weakened.stdout
             assert "    - adds capabilities ['NET_ADMIN'] (the template needs none)" in weakened.stdout.splitlines()
         finally:
-            deployment.docker("service", "rollback", "--quiet", "--detach=false", f"{STACK}_backend")
-        assert deployment.make("swarm-verify").returncode == 0
+            deployment.docker("service", "rollback", "--detach", f"{STACK}_backend")
+        green = lambda: "8 tasks on 2 nodes, 0 failed" in deployment.make("swarm-verify", check=False).stdout  # noqa: E731
+        assert wait_until(green, timeout=240, interval=3), deployment.make("swarm-verify", check=False).stdout
         deployment.restart_entry_if_dnsrr()
         assert deployment.through_entry(("GET", "/api/health/db")) == [(200, '{"status":"ok"}')]
 
@@ -398,7 +410,11 @@ def test_draining_a_node_moves_its_stateless_tasks(
             # Let the API run on the other node too, then drain its node.
             deployment.docker("node", "update", "--label-add", f"{API_LABEL}=true", data)
             deployment.docker("node", "update", "--availability", "drain", api)
-            moved = lambda: deployment.converged() and not [t for s in EXPECTED_TASKS for t in deployment.tasks(s) if t[0] == api]  # noqa: E731
+
+            def moved() -> bool:
+                placed = [{node for node, _ in deployment.tasks(service)} for service in EXPECTED_TASKS]
+                return deployment.converged() and all(placed) and not any(api in nodes for nodes in placed)
+
             assert wait_until(moved, timeout=300, interval=2), deployment.docker("stack", "ps", STACK).stdout
             assert {node for node, _ in deployment.tasks("backend")} == {data}
             deployment.restart_entry_if_dnsrr()
