@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import runpy
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -176,6 +177,22 @@ def test_a_recorded_task_is_read_from_the_engine_and_the_kernel(full_stack: Path
     assert "no-new-privileges not set" not in verify.problems(enforced, test=False, secrets=[])
 
 
+def test_a_tmpfs_under_a_symbolic_link_is_found_in_the_mount_table(full_stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc/mounts names a mount by its real path: the postgres images' /var/run/postgresql is
+    /run/postgresql there (/var/run is a link to /run). The probe resolves each tmpfs path."""
+    verify = rendered_verify(full_stack)
+    monkeypatch.setattr(verify, "STACK", "t")
+    task = copy.deepcopy(RECORDED_TASK)
+    for mount in task["container"]["HostConfig"]["Mounts"]:
+        if mount["Target"] == "/newdir":
+            mount["Target"] = "/var/run/newdir"  # the mount table still says /newdir
+    probe = task["probe"].replace("writable /newdir", "writable /var/run/newdir") + "resolved /var/run/newdir /newdir\n"
+    networks = {n["Name"]: n for n in task["networks"]}
+    svc = verify.from_swarm_task(task["container"], networks, task["service"], probe)
+    assert svc.tmpfs["/var/run/newdir"].startswith("rw,nosuid,nodev,noexec,relatime,size=1024k")
+    assert not [r for r in verify.problems(svc, test=False, secrets=[]) if "/var/run/newdir" in r]
+
+
 def make(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k not in ("REGISTRY", "IMAGE_TAG")} | env
     return subprocess.run(["make", "-s", *args], cwd=project, capture_output=True, text=True, env=environment)
@@ -191,6 +208,29 @@ def test_make_targets_check_their_settings(full_stack: Path) -> None:
     assert injected.returncode != 0 and "REGISTRY is 'registry.example.org; rm -rf /'" in injected.stderr
     version = make(full_stack, "swarm-deploy", REGISTRY=REGISTRY, REDIS_PASSWORD_SECRET_VERSION="v2 x")
     assert version.returncode != 0 and "REDIS_PASSWORD_SECRET_VERSION is 'v2 x'" in version.stderr
+
+
+def test_stack_override_is_checked_and_deployed_after_the_stack(full_stack: Path, tmp_path: Path) -> None:
+    """stack.override.yaml (yours) is merged after stack.yaml by swarm-config and swarm-deploy:
+    a weakening there fails the check like one in stack.yaml (the boot test deploys with it)."""
+    plugins = tmp_path / "docker-config" / "cli-plugins"  # verify.py reads the model with `docker compose`
+    plugins.mkdir(parents=True)
+    (plugins / "docker-compose").symlink_to(shutil.which("docker-compose") or "docker-compose")
+    settings = {"REGISTRY": REGISTRY, "DOCKER_CONFIG": str(plugins.parent)}
+    override = full_stack / "stack.override.yaml"
+    assert override.read_text().rstrip().endswith("services: {}")
+    clean = make(full_stack, "swarm-config", **settings)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    original = override.read_text()
+    try:
+        override.write_text("services:\n  backend:\n    cap_add: [NET_ADMIN]\n")
+        weakened = make(full_stack, "swarm-config", **settings)
+        assert weakened.returncode != 0 and "backend: adds capabilities" in weakened.stdout, weakened.stdout
+        # No engine behind DOCKER_HOST: the deploy fails, after printing the command it ran.
+        deploy = make(full_stack, "swarm-deploy", REGISTRY=REGISTRY, DOCKER_HOST=f"unix://{full_stack}/no.sock")
+        assert "-c stack.yaml -c stack.override.yaml my_app" in deploy.stdout, deploy.stdout
+    finally:
+        override.write_text(original)
 
 
 def test_deploy_environment_names_configs_after_their_content(full_stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
