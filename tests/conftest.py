@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from copier import run_copy
+from docker_engine import Engine, build_standins
 from plumbum import local
 
 TEMPLATE = Path(__file__).resolve().parents[1]
@@ -147,6 +149,21 @@ def release(source: Path, repo: Path, tag: str) -> None:
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-q", "--allow-empty", "-m", tag, cwd=repo)
     run("git", "tag", tag, cwd=repo)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    """The one Docker engine in the host's network namespace, with the stand-in base images: the
+    boot tests run on it and the Swarm tests build their images on it. They share it through the
+    xdist group "docker": two engines there would rewrite each other's docker0 and firewall rules."""
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("debootstrap"):
+        pytest.skip("boot tests need root, dockerd and debootstrap (tests/run.sh installs them)")
+    engine = Engine()
+    try:
+        build_standins(engine)
+        yield engine
+    finally:
+        engine.stop()
 
 
 @pytest.fixture(autouse=True, scope="session")

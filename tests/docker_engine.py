@@ -40,21 +40,18 @@ class Engine:
     Swarm gives the node); its networks and firewall rules then stay in that namespace. nsenter
     switches only the network namespace: `ip netns exec` would also remount /sys, without the
     cgroup hierarchies dockerd needs. daemon_config: its daemon.json (never the host's
-    /etc/docker/daemon.json). options: more dockerd flags. build_network: `docker build
-    --network` (an engine without a bridge builds on the host's network)."""
+    /etc/docker/daemon.json). options: more dockerd flags."""
 
     def __init__(
         self,
         namespace: str | None = None,
         daemon_config: dict | None = None,
         options: Sequence[str] = (),
-        build_network: str | None = None,
     ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="hc-docker-"))
         self.socket = self.root / "docker.sock"
         self.pidfile = self.root / "docker.pid"
         self.namespace = namespace
-        self.build_network = build_network
         # docker compose as a CLI plugin, for scripts that call `docker compose` (verify.py).
         plugins = self.root / "config" / "cli-plugins"
         plugins.mkdir(parents=True)
@@ -109,7 +106,6 @@ class Engine:
         args = ["build", "--quiet", "--tag", tag]
         args += [item for key, value in build_args.items() for item in ("--build-arg", f"{key}={value}")]
         args += ["--file", dockerfile] if dockerfile else []
-        args += ["--network", self.build_network] if self.build_network else []
         self.docker(*args, context, cli=BUILD_CLI)
 
     def compose(

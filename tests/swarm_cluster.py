@@ -8,9 +8,9 @@ firewall rules are never touched (a dockerd edits the iptables of its own namesp
     <name>-n1..  eth0 (a veth whose other end is on the hub's bridge) 192.168.213.11, .12, ...,
                  and a dockerd; n1 initialises the swarm, the others join it as workers
 
-No node can reach the internet. Images are built by a `builder()` engine in the host's network
-namespace (apt and pip need the network) that has no bridge and no firewall rules of its own,
-and copied into the registry with skopeo, from inside the hub's namespace. The engines and the
+No node can reach the internet. Images are built by the boot tests' engine in the host's network
+namespace (apt and pip need the network) and copied into the registry with skopeo, from inside
+the hub's namespace. The engines and the
 registry are servers of tests/servers.py (ended when a run is interrupted); the namespaces are
 deleted by close(), at exit, or by the next cluster when the run that made them was killed.
 """
@@ -35,8 +35,6 @@ from servers import wait_until
 SUBNET = "192.168.213"  # the underlay; Swarm's overlay networks come from 10.0.0.0/8
 REGISTRY = f"{SUBNET}.1:5000"
 PROGRAMS = ("dockerd", "debootstrap", "docker-registry", "skopeo", "ip", "nsenter", "unshare", "curl")
-# A builder adds no bridge, route or firewall rule to the host's network namespace.
-BUILDER_OPTIONS = ("--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false")
 
 
 def in_namespace(namespace: str) -> list[str]:
@@ -56,11 +54,6 @@ def missing_prerequisites() -> str | None:
         return "Swarm tests need root (network namespaces, dockerd)"
     missing = [program for program in PROGRAMS if not shutil.which(program)]
     return f"Swarm tests need {', '.join(missing)} (tests/run.sh installs them)" if missing else None
-
-
-def builder() -> Engine:
-    """An engine to build images on: the host's network, nothing added to it."""
-    return Engine(options=BUILDER_OPTIONS, build_network="host")
 
 
 class Cluster:

@@ -9,17 +9,16 @@ import json
 import math
 import os
 import re
-import shutil
 import stat
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from docker_engine import BASE_IMAGE, Engine, build_standins
+from docker_engine import BASE_IMAGE, Engine
 from servers import free_port
 
 from conftest import IDLE_MEMORY, healthcheck_argv, render, rendered_verify
@@ -41,18 +40,6 @@ TOPOLOGIES = {
         "services": ["postgres", "redis", "celery_worker", "celery_beat"],
     },
 }
-
-
-@pytest.fixture(scope="session")
-def engine() -> Iterator[Engine]:
-    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("debootstrap"):
-        pytest.skip("boot tests need root, dockerd and debootstrap (tests/run.sh installs them)")
-    engine = Engine()
-    try:
-        build_standins(engine)
-        yield engine
-    finally:
-        engine.stop()
 
 
 def http(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:

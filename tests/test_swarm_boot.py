@@ -1,7 +1,8 @@
 """Docker Swarm for real: engines in network namespaces joined into one swarm (tests/swarm_cluster.py).
 
-Root only; marked `boot`, in an xdist group of its own ("swarm"): its engines live in namespaces
-of their own, so it runs beside the boot tests' engine without sharing anything with it.
+Root only; marked `boot`. The nodes' engines live in network namespaces of their own; the images
+are built on the boot tests' engine (tests/conftest.py), so these tests share its xdist group
+("docker"): a second engine in the host's namespace would delete its docker0 bridge.
 """
 
 import json
@@ -13,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from docker_engine import STANDIN_TAGS, Engine, build_standins
+from docker_engine import STANDIN_TAGS, Engine
 from registry import Registry
 from servers import wait_until
-from swarm_cluster import REGISTRY, Cluster, builder, kernel_has_esp, kernel_has_ipvs, missing_prerequisites
+from swarm_cluster import REGISTRY, Cluster, kernel_has_esp, kernel_has_ipvs, missing_prerequisites
 
 from conftest import COST, render
 
-pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("swarm")]
+pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("docker")]
 
 # The nodes' /etc/docker/daemon.json as docs/SWARM.md's node set-up writes it: Swarm drops a
 # service's security_opt, so the engine gives every container no-new-privileges.
@@ -44,20 +45,11 @@ class timed:
 
 
 @pytest.fixture(scope="session")
-def image_builder() -> Iterator[Engine]:
+def image_builder(engine: Engine) -> Engine:
+    """The boot tests' engine (tests/conftest.py) builds the images and pushes them."""
     if reason := missing_prerequisites():
         pytest.skip(reason)
-    with timed("builder engine and stand-in images"):
-        engine = builder()
-        try:
-            build_standins(engine)
-        except BaseException:
-            engine.stop()
-            raise
-    try:
-        yield engine
-    finally:
-        engine.stop()
+    return engine
 
 
 @pytest.fixture(scope="session")
