@@ -129,5 +129,6 @@ def test_each_service_gets_only_the_secrets_it_reads(tmp_path: Path) -> None:
         "backend": ["app_secret_key", "postgres_app_password", "redis_password"],
         "worker_default": ["postgres_app_password", "redis_password"],
         "beat": ["redis_password"],
+        "migrate": ["postgres_app_password"],  # the one-shot migrations: the app role only
         "frontend": [],
     }
