@@ -67,7 +67,8 @@ class Postgres:
         return self.psql(sql, self.backend["POSTGRES_USER"], self.secret("postgres_app_password").read_text())
 
     def set_up_app_role(self) -> subprocess.CompletedProcess[str]:
-        """What start-postgres.sh runs once the server is up: app-role.sql as the superuser."""
+        """What start-postgres.sh runs once the server is up: app-role.sql as the superuser, the
+        application role's password on stdin."""
         env = {
             "PATH": "/usr/bin:/bin",
             "PGPASSWORD": self.secret("postgres_password").read_text(),
@@ -77,10 +78,16 @@ class Postgres:
         }
         command = ["psql", "-X", "-q", "-w", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.environment["POSTGRES_USER"]]
         sql = self.project / "postgres" / "app-role.sql"
-        return subprocess.run([*command, "-d", "postgres", "-f", sql], capture_output=True, text=True, env=env)
+        # The app password twice on stdin, for psql's \password; no terminal (a new session), as
+        # in the container: psql reads the password from stdin, not from a terminal.
+        password = self.secret("postgres_app_password").read_text().rstrip("\n")
+        stdin = f"{password}\n{password}\n"
+        return subprocess.run([*command, "-d", "postgres", "-f", sql], input=stdin, capture_output=True, text=True,
+                              env=env, start_new_session=True)  # fmt: skip
 
 
-def start_cluster(project: Path, root: Path, processes: Processes) -> Postgres:
+def start_cluster(project: Path, root: Path, processes: Processes, settings: tuple[str, ...] = ()) -> Postgres:
+    """settings: more server options (`-c name=value` pairs), e.g. log_statement=all."""
     model = compose_model(project, "compose.yaml")["services"]
     environment, backend = model["postgres"]["environment"], model["backend"]["environment"]
     shutil.copytree(project / "secrets", root / "secrets")
@@ -100,7 +107,7 @@ def start_cluster(project: Path, root: Path, processes: Processes) -> Postgres:
     hba = project / "postgres" / "pg_hba.conf"
     shutil.copy(hba, root / "pg_hba.conf")
     server = [POSTGRES_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", port, "-k", run,
-              "-c", f"hba_file={root / 'pg_hba.conf'}"]  # fmt: skip
+              "-c", f"hba_file={root / 'pg_hba.conf'}", *settings]  # fmt: skip
     process = processes.start(as_unprivileged(server), root / "postgres.log")
     postgres = Postgres(project, root, port, environment, backend)
 
