@@ -386,6 +386,7 @@ def test_backup_and_restore_round_trip(engine: Engine, tmp_path: Path) -> None:
         backups = project / "backups"
         (dump,) = backups.glob("backup_demo-*.dump")
         assert stat.S_IMODE(backups.stat().st_mode) == 0o700 and stat.S_IMODE(dump.stat().st_mode) == 0o600
+        assert stat.S_IMODE(backups.joinpath(f"{dump.name}.hmac").stat().st_mode) == 0o600
         assert dump.read_bytes().startswith(b"PGDMP")
 
         identity = tmp_path / "age-identity.txt"
@@ -396,13 +397,20 @@ def test_backup_and_restore_round_trip(engine: Engine, tmp_path: Path) -> None:
         (sealed,) = backups.glob("*.dump.age")
         assert b"PGDMP" not in sealed.read_bytes() and stat.S_IMODE(sealed.stat().st_mode) == 0o600
 
-        # Damaged, empty or foreign files are refused before anything is changed.
+        # Damaged, empty, unauthenticated or foreign files are refused before anything is changed
+        # (--foreign: the operator vouches for the file; it is still checked).
         damaged = tmp_path / "damaged.dump"
         damaged.write_bytes(dump.read_bytes()[: dump.stat().st_size // 2])
         empty = tmp_path / "empty.dump"
         empty.write_bytes(b"")
-        for bad, reason in ((damaged, "is damaged"), (empty, "missing or empty"), (project / "compose.yaml", "not a pg_dump")):
-            refused = tool("restore", str(bad))
+        not_ours = "not written by this deployment"
+        for bad, options, reason in (
+            (damaged, [], not_ours),
+            (damaged, ["--foreign"], "is damaged"),
+            (empty, [], "missing or empty"),
+            (project / "compose.yaml", ["--foreign"], "not a pg_dump"),
+        ):
+            refused = tool("restore", *options, str(bad))
             assert refused.returncode == 1 and reason in refused.stderr, refused.stderr
         assert sql("select count(*) from orders") == "2"
 
@@ -420,7 +428,8 @@ def test_backup_and_restore_round_trip(engine: Engine, tmp_path: Path) -> None:
         compose("stop", "postgres")
         failed = tool("backup")
         assert failed.returncode == 1 and "pg_dump exited" in failed.stderr
-        assert sorted(p.name for p in backups.iterdir()) == sorted([dump.name, sealed.name])
+        made_files = sorted(f"{p.name}{tag}" for p in (dump, sealed) for tag in ("", ".hmac"))
+        assert sorted(p.name for p in backups.iterdir()) == made_files
     finally:
         compose("down", "--volumes", check=False)
 
