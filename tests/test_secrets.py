@@ -132,3 +132,29 @@ def test_each_service_gets_only_the_secrets_it_reads(tmp_path: Path) -> None:
         "migrate": ["postgres_app_password"],  # the one-shot migrations: the app role only
         "frontend": [],
     }
+
+
+def test_backup_key_is_the_project_owners_alone_and_no_containers(tmp_path: Path) -> None:
+    """secrets/backup_hmac_key (authenticates backups) is read on the host by whoever runs
+    `make backup`: mode 0400, handed by root to the project directory's owner, never a Compose
+    secret, never overwritten, not something rotate-secret replaces."""
+    project = render(tmp_path / "p", services=["postgres"])
+    key = project / "secrets" / "backup_hmac_key"
+    value = key.read_text()
+    assert len(value) >= 43 and stat.S_IMODE(key.stat().st_mode) == 0o400
+    model = compose_model(project, "compose.yaml")
+    assert "backup_hmac_key" not in model["secrets"]
+    assert all("backup_hmac_key" not in str(spec.get("secrets")) for spec in model["services"].values())
+    if os.geteuid() == 0:
+        os.chown(project, 65534, 65534)  # the project belongs to an operator; root runs make secrets
+    key.chmod(0o644)
+    result = subprocess.run(["python3", "scripts/ensure_secrets.py"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert key.read_text() == value and stat.S_IMODE(key.stat().st_mode) == 0o400
+    assert key.stat().st_uid == project.stat().st_uid
+    rotate = ["python3", "scripts/rotate_secret.py", "backup_hmac_key"]
+    refused = subprocess.run(rotate, cwd=project, capture_output=True, text=True)
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr
+    assert key.read_text() == value
+    render_without = render(tmp_path / "q", services=["redis"])
+    assert not (render_without / "secrets" / "backup_hmac_key").exists()
