@@ -203,10 +203,11 @@ def test_restore_refuses_a_dump_this_deployment_did_not_write(stack: Stack, tmp_
     key = stack.project / "secrets" / "backup_hmac_key"
     assert len(key.read_text()) >= 43 and stat.S_IMODE(key.stat().st_mode) & 0o077 == 0
 
-    # Someone else's dump: made with pg_dump by hand (here, the same data), then altered copies of ours.
+    # A dump without a tag: made as earlier releases made them (by the superuser; the same data),
+    # then altered copies of ours.
     foreign = tmp_path / "foreign.dump"
-    env = {**stack.env, "PGPASSWORD": stack.password("postgres_app_password")}
-    dump_by_hand = ["pg_dump", "-U", stack.env["POSTGRES_APP_USER"], "-d", stack.env["POSTGRES_DB"], "--format=custom"]
+    env = {**stack.env, "PGPASSWORD": stack.password("postgres_password")}
+    dump_by_hand = ["pg_dump", "-U", stack.env["POSTGRES_USER"], "-d", stack.env["POSTGRES_DB"], "--format=custom"]
     subprocess.run([*dump_by_hand, "-f", foreign], env=env, check=True)
     candidates = {"foreign": foreign}
     for original in (plain, sealed):
