@@ -17,7 +17,7 @@ import pytest
 import yaml
 from registry import FaultProxy, Faults, Registry, TokenServer, free_port, push_image
 
-from conftest import TEMPLATE, release, render, run
+from conftest import TEMPLATE, release, render, run, self_signed_certificate
 
 MIRRORS = "HARDENED_COMPOSE_REGISTRY_MIRRORS"
 # The image:tag references a full-topology project uses (see includes/common.jinja).
@@ -512,3 +512,49 @@ def test_a_mirror_gets_its_own_credentials_not_the_registrys(
     finally:
         server.close()
         tokens.close()
+
+
+@pytest.mark.parametrize(
+    ("realm_host", "allowed", "sent"),
+    [("127.0.0.1", "", True), ("localhost", "", False), ("localhost", "localhost", True), ("localhost", "other.example", False)],
+    ids=["same-host", "other-host", "other-host-allowed", "other-host-not-named"],
+)
+def test_credentials_go_to_an_https_token_endpoint_only_on_the_host_they_are_for(
+    tmp_path: Path,
+    pin_module: dict,
+    registry_login: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+    realm_host: str,
+    allowed: str,
+    sent: bool,
+) -> None:
+    """A registry (or mirror) whose challenge names an https token endpoint on another host gets no
+    password sent there, unless HARDENED_COMPOSE_REGISTRY_TOKEN_HOSTS names that host; the
+    endpoint's anonymous token still resolves the tag."""
+    cert, key = tmp_path / "token.crt", tmp_path / "token.key"
+    self_signed_certificate(key, cert)  # for localhost and 127.0.0.1
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setenv("HARDENED_COMPOSE_REGISTRY_TOKEN_HOSTS", allowed)
+    tokens = TokenServer(tmp_path, tls=(cert, key))
+    server = Registry(tmp_path, tokens, realm=f"https://{realm_host}:{tokens.port}/token")
+    try:
+        pushed = push_image(server, "team/demo", "1.0")
+        host = f"127.0.0.1:{server.port}"
+        basic = registry_login(host)
+        r = pin_module["Resolver"](mirrors={host: server.url})
+        assert r.resolve(pin_module["Reference"].parse(f"{host}/team/demo:1.0")) == pushed
+        assert tokens.authorizations == [basic if sent else None]
+        assert any("not sent" in w and "HARDENED_COMPOSE_REGISTRY_TOKEN_HOSTS" in w for w in r.warnings) != sent
+    finally:
+        server.close()
+        tokens.close()
+
+
+def test_docker_hubs_own_token_service_gets_docker_hub_credentials(pin_module: dict) -> None:
+    """Docker Hub's registry (registry-1.docker.io) names its token service on auth.docker.io: the
+    one pair of hosts built in; a mirror of docker.io gets no such exception."""
+    r = pin_module["Resolver"](mirrors={"quay.io": "https://mirror.example"})
+    assert r.may_send_credentials("https://auth.docker.io/token", "docker.io")
+    assert not r.may_send_credentials("http://auth.docker.io/token", "docker.io")
+    assert not r.may_send_credentials("https://auth.docker.io/token", "quay.io")
+    assert not r.may_send_credentials("https://auth.example/token", "docker.io")
