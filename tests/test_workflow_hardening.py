@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import render
+from conftest import render, run
 
 CHECKOUT = "actions/checkout@"
 SECRET_FILES_KEPT = ("README.md", ".gitignore")
@@ -34,10 +34,12 @@ def checkout_only_jobs(project: Path) -> dict[str, list[dict]]:
 
 
 def as_checked_out(project: Path) -> None:
-    """What a runner checks out: no secrets (gitignored), every image pinned (the pins job passes)."""
-    for path in (project / "secrets").iterdir():
-        if path.name not in SECRET_FILES_KEPT:
-            path.unlink()
+    """What a runner checks out: nothing git ignores (no secrets, no .env), every image pinned (the
+    pins job passes)."""
+    run("git", "init", "-q", cwd=project)
+    run("git", "clean", "-q", "-f", "-d", "-X", cwd=project)
+    assert {path.name for path in (project / "secrets").iterdir()} == set(SECRET_FILES_KEPT)
+    assert not (project / ".env").exists()
     spec = importlib.util.spec_from_file_location("pin_images_ci", project / "scripts" / "pin_images.py")
     assert spec and spec.loader
     pin = importlib.util.module_from_spec(spec)
