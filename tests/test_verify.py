@@ -17,6 +17,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from docker_engine import BASE_IMAGE, Engine
 
 from conftest import TESTS, compose_model, render, rendered_verify
 
@@ -719,3 +720,32 @@ def test_edge_service_given_a_database_secret_fails(tmp_path: Path, data: dict, 
     assert verify.config_problems(model, test=False) == [
         f"{service}: receives the secret postgres_password, which it does not read"
     ]
+
+
+@pytest.mark.boot
+@pytest.mark.xdist_group("docker")
+def test_running_engine_refuses_sysctls_and_a_volume_binding_the_host(engine: Engine, project: Path) -> None:
+    """`make test-verify` on a real engine: a container of the project started with a sysctl, and
+    one mounting a named volume whose driver options bind the host's /, fail with their reasons."""
+    project_name = compose_model(project, "compose.test.yaml")["name"]
+    labels = ["--label", f"com.docker.compose.project={project_name}"]
+    engine.docker(
+        "volume", "create", "--driver", "local", "--opt", "type=none", "--opt", "o=bind", "--opt", "device=/", "hostroot"
+    )
+    sysctl = ["--sysctl", "net.ipv4.ip_forward=1"]
+    try:
+        engine.docker(
+            "create", "--name", "sysctl", *labels, "--label", "com.docker.compose.service=sysctl", *sysctl, BASE_IMAGE, "true"
+        )
+        engine.docker("create", "--name", "hostroot", *labels, "--label", "com.docker.compose.service=hostroot",
+                      "--volume", "hostroot:/host:ro", BASE_IMAGE, "true")  # fmt: skip
+        result = subprocess.run(
+            ["python3", "scripts/verify.py", "--test"], cwd=project, env=engine.env, capture_output=True, text=True
+        )
+    finally:
+        engine.docker("rm", "--force", "sysctl", "hostroot", check=False)
+        engine.docker("volume", "rm", "hostroot", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "    - sets kernel parameters (sysctls ['net.ipv4.ip_forward'])" in lines, result.stdout
+    assert "    - bind-mounts the host's / (volume hostroot)" in lines, result.stdout
