@@ -21,6 +21,7 @@ import http.client
 import http.server
 import io
 import json
+import ssl
 import subprocess
 import tarfile
 import threading
@@ -52,9 +53,13 @@ def b64url(data: bytes) -> str:
 
 
 class TokenServer:
-    """Issues RS256 JWTs granting what was asked, signed by a key whose certificate the registry trusts."""
+    """Issues RS256 JWTs granting what was asked, signed by a key whose certificate the registry trusts.
 
-    def __init__(self, directory: Path, service: str = "test-registry", issuer: str = "test-issuer") -> None:
+    tls: (certificate, key) to serve https with instead of http."""
+
+    def __init__(
+        self, directory: Path, service: str = "test-registry", issuer: str = "test-issuer", tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.service, self.issuer = service, issuer
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token-signer")])
@@ -98,11 +103,16 @@ class TokenServer:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.scheme = "https" if tls else "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     @property
     def realm(self) -> str:
-        return f"http://127.0.0.1:{self.port}/token"
+        return f"{self.scheme}://127.0.0.1:{self.port}/token"
 
     def token(self, scopes: list[str]) -> str:
         access = []

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import resource
 import runpy
 import signal
@@ -17,7 +18,7 @@ import pytest
 import yaml
 from registry import FaultProxy, Faults, Registry, TokenServer, free_port, push_image
 
-from conftest import TEMPLATE, release, render, run
+from conftest import TEMPLATE, release, render, run, self_signed_certificate
 
 MIRRORS = "HARDENED_COMPOSE_REGISTRY_MIRRORS"
 # The image:tag references a full-topology project uses (see includes/common.jinja).
@@ -512,3 +513,116 @@ def test_a_mirror_gets_its_own_credentials_not_the_registrys(
     finally:
         server.close()
         tokens.close()
+
+
+@pytest.mark.parametrize(
+    ("realm_host", "allowed", "sent"),
+    [("127.0.0.1", "", True), ("localhost", "", False), ("localhost", "localhost", True), ("localhost", "other.example", False)],
+    ids=["same-host", "other-host", "other-host-allowed", "other-host-not-named"],
+)
+def test_credentials_go_to_an_https_token_endpoint_only_on_the_host_they_are_for(
+    tmp_path: Path,
+    pin_module: dict,
+    registry_login: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+    realm_host: str,
+    allowed: str,
+    sent: bool,
+) -> None:
+    """A registry (or mirror) whose challenge names an https token endpoint on another host gets no
+    password sent there, unless HARDENED_COMPOSE_REGISTRY_TOKEN_HOSTS names that host; the
+    endpoint's anonymous token still resolves the tag."""
+    cert, key = tmp_path / "token.crt", tmp_path / "token.key"
+    self_signed_certificate(key, cert)  # for localhost and 127.0.0.1
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setenv("HARDENED_COMPOSE_REGISTRY_TOKEN_HOSTS", allowed)
+    tokens = TokenServer(tmp_path, tls=(cert, key))
+    server = Registry(tmp_path, tokens, realm=f"https://{realm_host}:{tokens.port}/token")
+    try:
+        pushed = push_image(server, "team/demo", "1.0")
+        host = f"127.0.0.1:{server.port}"
+        basic = registry_login(host)
+        r = pin_module["Resolver"](mirrors={host: server.url})
+        assert r.resolve(pin_module["Reference"].parse(f"{host}/team/demo:1.0")) == pushed
+        assert tokens.authorizations == [basic if sent else None]
+        assert any("not sent" in w and "HARDENED_COMPOSE_REGISTRY_TOKEN_HOSTS" in w for w in r.warnings) != sent
+    finally:
+        server.close()
+        tokens.close()
+
+
+def test_docker_hubs_own_token_service_gets_docker_hub_credentials(pin_module: dict) -> None:
+    """Docker Hub's registry (registry-1.docker.io) names its token service on auth.docker.io: the
+    one pair of hosts built in; a mirror of docker.io gets no such exception."""
+    r = pin_module["Resolver"](mirrors={"quay.io": "https://mirror.example"})
+    assert r.may_send_credentials("https://auth.docker.io/token", "docker.io")
+    assert not r.may_send_credentials("http://auth.docker.io/token", "docker.io")
+    assert not r.may_send_credentials("https://auth.docker.io/token", "quay.io")
+    assert not r.may_send_credentials("https://auth.example/token", "docker.io")
+
+
+def pinned_copy(tmp_path: Path, pin_module: dict, **answers: object) -> Path:
+    """A rendered project with every reference pinned (to made-up digests), as after `make pin`."""
+    project = render(tmp_path / "p", tasks=False, **answers)
+    for path in pin_module["find_files"](project):
+        digests = {tagged: "sha256:" + hashlib.sha256(tagged.encode()).hexdigest() for tagged in references_in(path, pin_module)}
+        path.write_text(pin_module["pinned_text"](path, path.read_text(), digests))
+    return project
+
+
+DRIFTS = [
+    ("stack.yaml", "postgres", "postgres:17.1-alpine@sha256:" + "1" * 64),
+    ("stack.yaml", "redis", "redis:7.4-alpine@sha256:" + "2" * 64),
+    (".github/workflows/security-scan.yml", "redis", "redis:7.2-alpine@sha256:" + "3" * 64),
+]
+
+
+@pytest.mark.parametrize(("name", "image", "drifted"), DRIFTS, ids=["stack-tag", "stack-digest", "workflow-tag"])
+def test_pin_check_fails_when_stack_or_workflow_drift_from_compose(
+    tmp_path: Path, pin_module: dict, name: str, image: str, drifted: str
+) -> None:
+    """An update bot that sees only the Compose files (Dependabot cannot see stack.yaml nor the
+    scan workflow's image list) leaves the others behind: pin-check --offline fails on the drift,
+    and `make pin` brings them back to compose.yaml's references."""
+    project = pinned_copy(tmp_path, pin_module, swarm=True, services=["postgres", "redis"])
+    offline = ["--check", "--offline"]
+    assert run_pin_script(project, *offline, env={}).returncode == 0
+    path = project / name
+    text = path.read_text()
+    changed = re.sub(rf"(image: ){image}:\S+", rf"\g<1>{drifted}", text, count=1)
+    assert changed != text
+    path.write_text(changed)
+    result = run_pin_script(project, *offline, env={})
+    assert result.returncode == 1 and f"pin-check: {name}: {drifted} differs from compose.yaml's " in result.stderr, result.stderr
+    synced = run_pin_script(project, env={MIRRORS: "docker.io=http://127.0.0.1:9"})  # nothing to resolve
+    assert synced.returncode == 0, synced.stderr
+    assert path.read_text() == text
+
+
+def test_pin_check_fails_when_the_workflow_does_not_scan_an_image_compose_runs(tmp_path: Path, pin_module: dict) -> None:
+    project = pinned_copy(tmp_path, pin_module, services=["postgres", "redis"])
+    workflow = project / ".github/workflows/security-scan.yml"
+    lines = workflow.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- name: redis")
+    workflow.write_text("".join(lines[:start] + lines[start + 2 :]))
+    result = run_pin_script(project, "--check", "--offline", env={})
+    assert result.returncode == 1 and "does not scan redis:7.4-alpine" in result.stderr, result.stderr
+
+
+def test_renovate_sees_stack_yaml_and_the_workflows_image_list(tmp_path: Path, pin_module: dict) -> None:
+    """Renovate updates every copy together: its docker-compose manager also reads stack.yaml, and
+    a regex manager reads the scan workflow's pinned image list (the same images as compose.yaml)."""
+    project = pinned_copy(tmp_path, pin_module, swarm=True, update_bot="renovate", services=["postgres", "redis"])
+    config = json.loads((project / "renovate.json").read_text())
+    patterns = [re.compile(p.strip("/")) for p in config["docker-compose"]["managerFilePatterns"]]
+    assert any(p.search("stack.yaml") for p in patterns)
+    (manager,) = config["customManagers"]
+    assert any(re.compile(p.strip("/")).search(".github/workflows/security-scan.yml") for p in manager["managerFilePatterns"])
+    workflow = (project / ".github/workflows/security-scan.yml").read_text()
+    (match_string,) = manager["matchStrings"]
+    found = {
+        f"{m['depName']}:{m['currentValue']}@{m['currentDigest']}"
+        for m in re.finditer(match_string.replace("(?<", "(?P<"), workflow)
+    }
+    compose = {ref for ref in references_in(project / "compose.yaml", pin_module)}
+    assert found == compose and len(found) == 2

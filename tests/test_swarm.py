@@ -155,7 +155,10 @@ def test_resolved_stack_keeps_every_setting(full_stack: Path) -> None:
 
 def recorded_task(verify: object, probe: str | None = None) -> object:
     networks = {n["Name"]: n for n in RECORDED_TASK["networks"]}
-    return verify.from_swarm_task(RECORDED_TASK["container"], networks, RECORDED_TASK["service"], probe or RECORDED_TASK["probe"])
+    # Recorded on a cgroup v1 engine: the host's cgroup namespace is its default.
+    return verify.from_swarm_task(
+        RECORDED_TASK["container"], networks, RECORDED_TASK["service"], probe or RECORDED_TASK["probe"], cgroupns_default="host"
+    )
 
 
 def test_a_recorded_task_is_read_from_the_engine_and_the_kernel(full_stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,7 +191,7 @@ def test_a_tmpfs_under_a_symbolic_link_is_found_in_the_mount_table(full_stack: P
             mount["Target"] = "/var/run/newdir"  # the mount table still says /newdir
     probe = task["probe"].replace("writable /newdir", "writable /var/run/newdir") + "resolved /var/run/newdir /newdir\n"
     networks = {n["Name"]: n for n in task["networks"]}
-    svc = verify.from_swarm_task(task["container"], networks, task["service"], probe)
+    svc = verify.from_swarm_task(task["container"], networks, task["service"], probe, cgroupns_default="host")
     assert svc.tmpfs["/var/run/newdir"].startswith("rw,nosuid,nodev,noexec,relatime,size=1024k")
     assert not [r for r in verify.problems(svc, test=False, secrets=[]) if "/var/run/newdir" in r]
 

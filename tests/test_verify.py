@@ -16,6 +16,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
+from docker_engine import BASE_IMAGE, Engine
 
 from conftest import TESTS, compose_model, render, rendered_verify
 
@@ -23,6 +25,11 @@ RECORDED = json.loads((TESTS / "data" / "verify_inspect.json").read_text())
 SECRET = "recorded-secret-value"
 # The engine's data root and socket as a running engine reports them (not the default paths).
 ENGINE_PATHS = ("/srv/docker", "/srv/run/engine.sock")
+# The recording engine runs on cgroup v1, where sharing the host's cgroup namespace is the default.
+RECORDED_CGROUPNS_DEFAULT = "host"
+# A named volume whose driver options bind-mount the host's root (`docker volume inspect`, and the
+# same in the Compose model): mounted by a case below, unused otherwise.
+HOST_ROOT_VOLUME = {"Name": "hostroot", "Driver": "local", "Options": {"type": "none", "o": "bind", "device": "/"}}
 Mutation = Callable[[dict], object]
 
 
@@ -36,11 +43,19 @@ def verify(project: Path) -> ModuleType:
     return rendered_verify(project)
 
 
-def judge_containers(verify: ModuleType, containers: list[dict], networks: list[dict], *, test: bool = True) -> dict:
+def judge_containers(
+    verify: ModuleType,
+    containers: list[dict],
+    networks: list[dict],
+    *,
+    test: bool = True,
+    cgroupns_default: str = RECORDED_CGROUPNS_DEFAULT,
+) -> dict:
     """service -> reasons, as `make test-verify` finds them (the recording is of the test stack)."""
     own_images = {"verify_demo-backend:local"}  # what compose.test.yaml builds
     by_name = {network["Name"]: network for network in networks}
-    services = [verify.from_inspect(info, by_name, own_images) for info in containers]
+    volumes = {"hostroot": HOST_ROOT_VOLUME}
+    services = [verify.from_inspect(info, by_name, own_images, volumes, cgroupns_default) for info in containers]
     return {svc.name: verify.problems(svc, test=test, secrets=[SECRET], engine_paths=ENGINE_PATHS) for svc in services}
 
 
@@ -74,6 +89,12 @@ def host(**settings: object) -> Mutation:
 
 def config(**settings: object) -> Mutation:
     return lambda c: c["Config"].update(settings)
+
+
+def volume_mount(name: str) -> Mutation:
+    mount = {"Type": "volume", "Name": name, "Source": f"/srv/docker/volumes/{name}/_data", "Destination": "/mnt/host",
+             "Driver": "local", "Mode": "z", "RW": True, "Propagation": ""}  # fmt: skip
+    return lambda c: c["Mounts"].append(mount)
 
 
 def tmpfs(options: str) -> Mutation:
@@ -206,6 +227,98 @@ CASES = [
             "/srv/run",
         )
     ],
+    # Settings that give a container the host (CIS Docker Benchmark 5.7, 5.17, 5.21, 5.31).
+    (
+        "volume-driver-bind-root",
+        "backend",
+        volume_mount("hostroot"),
+        lambda s: s.setdefault("volumes", []).append({"type": "volume", "source": "hostroot", "target": "/mnt/host"}),
+        "bind-mounts the host's / (volume hostroot)",
+    ),
+    (
+        "device-cgroup-rules",
+        "backend",
+        host(DeviceCgroupRules=["b 8:* rmw"]),
+        lambda s: s.update(device_cgroup_rules=["b 8:* rmw"]),
+        "device_cgroup_rules ['b 8:* rmw'] open host devices",
+    ),
+    (
+        "group-add-disk",
+        "postgres",
+        host(GroupAdd=["10001", "6"]),
+        lambda s: s.update(group_add=["10001", "6"]),
+        "supplementary groups ['6'] (only the secrets group 10001 may be added)",
+    ),
+    ("cgroup-host", "backend", None, lambda s: s.update(cgroup="host"), "shares the host's cgroup namespace"),
+    (
+        "sysctls",
+        "backend",
+        host(Sysctls={"net.ipv4.ip_forward": "1"}),
+        lambda s: s.update(sysctls={"net.ipv4.ip_forward": "1"}),
+        "sets kernel parameters (sysctls ['net.ipv4.ip_forward'])",
+    ),
+    (
+        "seccomp-profile",
+        "backend",
+        lambda c: c["HostConfig"]["SecurityOpt"].append('seccomp={"defaultAction":"SCMP_ACT_ALLOW"}'),
+        lambda s: s["security_opt"].append("seccomp:/srv/allow-all.json"),
+        "security_opt seccomp replaces the default seccomp profile",
+    ),
+    *[
+        (
+            f"{kind}-other-container",
+            "backend",
+            host(**{inspect_key: "container:0123abcd"}),
+            lambda s, key=compose_key: s.update({key: "container:0123abcd"}),
+            f"shares the {kind} namespace of container:0123abcd",
+        )
+        for kind, (compose_key, inspect_key) in {
+            "pid": ("pid", "PidMode"),
+            "network": ("network_mode", "NetworkMode"),
+            "ipc": ("ipc", "IpcMode"),
+        }.items()
+    ],
+    (
+        "pid-other-service",
+        "backend",
+        None,
+        lambda s: s.update(pid="service:postgres"),
+        "shares the pid namespace of service:postgres",
+    ),
+    *[
+        (f"bind{source.replace('/', '-')}", "backend", bind(source), compose_bind(source), f"bind-mounts the host's {source}")
+        for source in (
+            "/dev",
+            "/dev/sda",
+            "/root",
+            "/home",
+            "/home/admin/.ssh",
+            "/boot",
+            "/run/containerd/containerd.sock",
+            "/var/run/containerd/containerd.sock",
+            "/run/crio/crio.sock",
+            "/run/podman/podman.sock",
+            "/run/user/1000/docker.sock",
+            "/var/lib/containerd",
+        )
+    ],
+    # Each service receives only the secrets it reads (the table in includes/common.jinja).
+    (
+        "secret-not-read",
+        "redis",
+        lambda c: c["Mounts"].append(
+            {
+                "Type": "bind",
+                "Source": "/srv/app/secrets/postgres_password",
+                "Destination": "/run/secrets/postgres_password",
+                "Mode": "",
+                "RW": False,
+                "Propagation": "rprivate",
+            }
+        ),
+        lambda s: s["secrets"].append({"source": "postgres_password", "target": "/run/secrets/postgres_password"}),
+        "receives the secret postgres_password, which it does not read",
+    ),
     (
         "user-root",
         "backend",
@@ -432,6 +545,8 @@ def test_running_container_weakened_fails(verify: ModuleType, service: str, muta
 )
 def test_compose_service_weakened_fails(verify: ModuleType, project: Path, service: str, mutation: Mutation, reason: str) -> None:
     model = compose_model(project, "compose.test.yaml")
+    # Mounted by one case only.
+    model.setdefault("volumes", {})["hostroot"] = {"name": "hostroot", "driver_opts": HOST_ROOT_VOLUME["Options"]}
     mutation(model["services"][service])
     judged = judge_model(verify, model)
     assert judged.pop(service) == [reason]
@@ -519,3 +634,118 @@ def test_config_command_judges_services_added_in_the_override(project: Path, tmp
     assert dangerous.returncode == 1, dangerous.stdout + dangerous.stderr
     assert "verify --config: intruder: privileged: every capability and device of the host" in dangerous.stdout.splitlines()
     assert "verify --config: intruder: bind-mounts the host's /" in dangerous.stdout.splitlines()
+
+
+def test_host_cgroup_namespace_fails_where_the_engine_gives_a_private_one(verify: ModuleType) -> None:
+    """On cgroup v2 engines a container gets its own cgroup namespace unless it asks for the
+    host's (`cgroup: host`, --cgroupns host); on cgroup v1 (the recording engine) the host's is the
+    default, indistinguishable on the running container: the Compose model shows the choice."""
+    judged = judge_containers(verify, RECORDED["containers"], RECORDED["networks"], cgroupns_default="private")
+    assert judged == {name: ["shares the host's cgroup namespace"] for name in ("backend", "migrate", "postgres", "redis")}
+
+
+SWARM_ANSWERS = {"project_name": "Verify Demo", "proxy_mode": "nginx-certbot", "services": ["postgres", "redis"], "swarm": True}
+
+
+@pytest.fixture(scope="module")
+def swarm_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render(tmp_path_factory.mktemp("verify-swarm") / "project", tasks=False, **SWARM_ANSWERS)
+
+
+# (case id, stack.override.yaml, the problem expected) for what Swarm's loader accepts; it refuses
+# cgroup, device_cgroup_rules and group_add outright.
+SWARM_CASES = [
+    (
+        "volume-driver-bind-root",
+        "services:\n  backend:\n    volumes: [hostroot:/mnt/host]\n"
+        "volumes:\n  hostroot:\n    driver_opts: {type: none, o: bind, device: /}\n",
+        "backend: bind-mounts the host's / (volume hostroot)",
+    ),
+    (
+        "sysctls",
+        "services:\n  backend:\n    sysctls: {net.ipv4.ip_forward: 1}\n",
+        "backend: sets kernel parameters (sysctls ['net.ipv4.ip_forward'])",
+    ),
+    ("bind-dev", "services:\n  backend:\n    volumes: [/dev:/dev]\n", "backend: bind-mounts the host's /dev"),
+    ("bind-home", "services:\n  backend:\n    volumes: [/home:/mnt/home:ro]\n", "backend: bind-mounts the host's /home"),
+    (
+        "bind-containerd",
+        "services:\n  backend:\n    volumes: [/run/containerd/containerd.sock:/run/containerd.sock]\n",
+        "backend: bind-mounts the host's /run/containerd/containerd.sock",
+    ),
+    (
+        "proxy-database-secret",
+        "services:\n  proxy:\n    secrets: [postgres_password]\n",
+        "proxy: receives the secret postgres_password, which it does not read",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "reason"), [c[1:] for c in SWARM_CASES], ids=[c[0] for c in SWARM_CASES])
+def test_stack_override_weakened_fails(swarm_project: Path, override: str, reason: str) -> None:
+    """stack.yaml with a weakened stack.override.yaml, as `docker stack config` merges them."""
+    verify = rendered_verify(swarm_project)
+    clean = stack_config(swarm_project, "stack.yaml")
+    assert verify.stack_config_problems(clean) == []
+    (swarm_project / "weakened.yaml").write_text(override)
+    found = verify.stack_config_problems(stack_config(swarm_project, "stack.yaml", "weakened.yaml"))
+    assert reason in found, found
+
+
+def stack_config(project: Path, *files: str) -> dict:
+    environment = {**os.environ, "REGISTRY": "registry.example.org:5000/team", "IMAGE_TAG": "1.0.0"}
+    command = ["docker", "stack", "config", *(arg for f in files for arg in ("-c", f))]
+    result = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"proxy_mode": "nginx-certbot", "services": ["postgres", "redis"]},
+        {"proxy_mode": "nginx-certbot", "frontend": "spa", "services": ["postgres"]},
+    ],
+    ids=["proxy", "proxy-spa"],
+)
+@pytest.mark.parametrize("service", ["proxy", "certbot"])
+def test_edge_service_given_a_database_secret_fails(tmp_path: Path, data: dict, service: str) -> None:
+    """`make config`'s check on a compose.override.yaml that hands the self-hosted proxy (or
+    certbot) the database superuser's password."""
+    project = render(tmp_path / "p", project_name="Verify Demo", **data)
+    verify = rendered_verify(project)
+    model = compose_model(project, "compose.yaml")
+    assert verify.config_problems(model, test=False) == []
+    model["services"][service]["secrets"] = [{"source": "postgres_password", "target": "/run/secrets/postgres_password"}]
+    assert verify.config_problems(model, test=False) == [
+        f"{service}: receives the secret postgres_password, which it does not read"
+    ]
+
+
+@pytest.mark.boot
+@pytest.mark.xdist_group("docker")
+def test_running_engine_refuses_sysctls_and_a_volume_binding_the_host(engine: Engine, project: Path) -> None:
+    """`make test-verify` on a real engine: a container of the project started with a sysctl, and
+    one mounting a named volume whose driver options bind the host's /, fail with their reasons."""
+    project_name = compose_model(project, "compose.test.yaml")["name"]
+    labels = ["--label", f"com.docker.compose.project={project_name}"]
+    engine.docker(
+        "volume", "create", "--driver", "local", "--opt", "type=none", "--opt", "o=bind", "--opt", "device=/", "hostroot"
+    )
+    sysctl = ["--sysctl", "net.ipv4.ip_forward=1"]
+    try:
+        engine.docker(
+            "create", "--name", "sysctl", *labels, "--label", "com.docker.compose.service=sysctl", *sysctl, BASE_IMAGE, "true"
+        )
+        engine.docker("create", "--name", "hostroot", *labels, "--label", "com.docker.compose.service=hostroot",
+                      "--volume", "hostroot:/host:ro", BASE_IMAGE, "true")  # fmt: skip
+        result = subprocess.run(
+            ["python3", "scripts/verify.py", "--test"], cwd=project, env=engine.env, capture_output=True, text=True
+        )
+    finally:
+        engine.docker("rm", "--force", "sysctl", "hostroot", check=False)
+        engine.docker("volume", "rm", "hostroot", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "    - sets kernel parameters (sysctls ['net.ipv4.ip_forward'])" in lines, result.stdout
+    assert "    - bind-mounts the host's / (volume hostroot)" in lines, result.stdout
