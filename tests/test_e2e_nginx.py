@@ -5,8 +5,11 @@ import http.client
 import json
 import os
 import re
+import select
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,4 +374,124 @@ def test_api_rate_limit_answers_429_per_client_address(
             assert [fetch(port, "/api/echo", source="127.0.0.2").status for _ in range(5)] == [200] * 5
             assert json.loads(fetch(port, "/api/echo", source="127.0.0.3").body)["headers"]["x-real-ip"] == "127.0.0.3"
         finally:
+            processes.stop_all()
+
+
+def test_rate_limit_covers_every_backend_route_behind_the_proxy(proxy_project: Path) -> None:
+    """API-only (and existing-app) projects behind the self-hosted proxy: `location /` forwards to
+    the backend too, so a login route outside /api/ is throttled like /api/ itself."""
+    processes = Processes()
+    with server_root("rate-root") as root:
+        try:
+            backend = start_backend(processes, root, proxy_project)
+            port = free_port()
+            conf = stage(proxy_project, "proxy", root, upstreams={"backend": f"127.0.0.1:{backend}"}, ports={8080: port})
+            entrypoint, env = stage_entrypoint(proxy_project, "proxy", root)
+            writable_by_server(root / "tmp")
+            writable_by_server(root / "logs")
+            env |= {"API_RATE_LIMIT": "1", "API_RATE_BURST": "5", "PROXY_HTTP_ONLY": "1"}
+            start_nginx(processes, root, conf, entrypoint, env, port)
+
+            statuses = [fetch(port, "/login", method="POST", body=b"user=a&password=b").status for _ in range(15)]
+            assert statuses[:6] == [200] * 6 and statuses.count(429) >= 8, statuses
+            # One budget per client for every backend route: /api/ is refused too now.
+            assert fetch(port, "/api/echo").status == 429
+            assert fetch(port, "/login", source="127.0.0.2").status == 200
+        finally:
+            processes.stop_all()
+
+
+def hold_slow_uploads(port: int, source: str, count: int) -> list[socket.socket]:
+    """count connections from source, each with a complete request header announcing a large body
+    and only a few bytes of it: requests nginx must keep open, waiting for the rest."""
+    held = []
+    for _ in range(count):
+        conn = socket.socket()
+        conn.settimeout(5)
+        conn.bind((source, 0))
+        try:
+            conn.connect(("127.0.0.1", port))
+            conn.sendall(b"POST /api/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\nxxxx")
+        except OSError:
+            conn.close()
+            continue
+        held.append(conn)
+    return held
+
+
+def settled_answers(connections: list[socket.socket], quiet: float = 1.0, timeout: float = 15.0) -> dict[int, bytes]:
+    """What nginx answered on these connections (by index), once nothing more has come for quiet
+    seconds: it has worked through every connection waiting in its listen queue."""
+    answered: dict[int, bytes] = {}
+    deadline, last_change = time.monotonic() + timeout, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - last_change < quiet:
+        waiting = [conn for i, conn in enumerate(connections) if i not in answered]
+        readable, _, _ = select.select(waiting, [], [], 0.1) if waiting else ([], [], [])
+        for conn in readable:
+            try:
+                answered[connections.index(conn)] = conn.recv(4096)
+            except ConnectionResetError:  # closed with the rest of the upload unread
+                answered[connections.index(conn)] = b"reset"
+            last_change = time.monotonic()
+    return answered
+
+
+def entrypoint_settings(project: Path) -> Path:
+    """The rendered nginx/runtime-settings.sh: where the per-client limits' defaults are written."""
+    return project / "nginx" / "runtime-settings.sh"
+
+
+@pytest.mark.parametrize("image", ["frontend", "proxy"])
+def test_one_address_holding_slow_requests_does_not_lock_out_another(spa_project: Path, proxy_project: Path, image: str) -> None:
+    """A client (127.0.0.2) holding more slow uploads than nginx has connections gets only its
+    per-address share (the limit as rendered); another client (127.0.0.3) is still served at once.
+    worker_connections is scaled down (one worker) so the test needs hundreds of sockets, not
+    thousands; everything else is the rendered configuration."""
+    project = spa_project if image == "frontend" else proxy_project
+    processes = Processes()
+    held: list[socket.socket] = []
+    with server_root("conn") as root:
+        try:
+            backend = start_backend(processes, root, project)
+            port = free_port()
+            conf = stage(project, image, root, upstreams={"backend": f"127.0.0.1:{backend}"}, ports={8080: port})
+            conf.write_text(re.sub(r"worker_connections \d+;", "worker_connections 256;", conf.read_text()))
+            (root / "cgroup").mkdir()
+            (root / "cgroup" / "cpu.max").write_text("100000 100000\n")  # one worker
+            entrypoint, env = stage_entrypoint(project, image, root)
+            writable_by_server(root / "tmp")
+            writable_by_server(root / "logs")
+            # No rate limit here: what refuses 127.0.0.2's extra uploads is the connection limit alone.
+            env |= {"API_RATE_LIMIT": "0", "PROXY_HTTP_ONLY": "1", "CGROUP_DIR": str(root / "cgroup")}
+            env |= {"RUNTIME_CONFIG_DIR": str(root / "tmp" / "runtime")}
+            start_nginx(processes, root, conf, entrypoint, env, port)
+
+            # 127.0.0.2 opens slow uploads in waves, refilling what nginx refused or could not take.
+            replies: list[bytes] = []
+            for _ in range(3):
+                wave = hold_slow_uploads(port, "127.0.0.2", 200)
+                answered = settled_answers(wave)
+                held += [conn for i, conn in enumerate(wave) if i not in answered]
+                replies += answered.values()
+                for i in answered:
+                    wave[i].close()
+            # Another client uploading on several connections at once, as a browser may: all taken.
+            other = hold_slow_uploads(port, "127.0.0.3", 10)
+            held += other
+            assert len(other) == 10 and not settled_answers(other), "127.0.0.3's uploads were refused"
+            start = time.monotonic()
+            served = fetch(port, "/api/echo", source="127.0.0.3")
+            assert served.status == 200 and json.loads(served.body)["headers"]["x-real-ip"] == "127.0.0.3"
+            assert time.monotonic() - start < 3
+            held = held[: -len(other)]
+            # 127.0.0.2 keeps exactly its share; each request beyond it was refused at once.
+            limit = int(re.search(r"CLIENT_CONNECTION_LIMIT:-(\d+)", entrypoint_settings(project).read_text())[1])
+            assert len(held) == limit and len(replies) == 600 - limit
+            # Refused (429), or closed unread while nginx was full for a moment during a wave.
+            assert all(reply.startswith(b"HTTP/1.1 429 ") or reply in (b"reset", b"") for reply in replies), {
+                r[:12] for r in replies
+            }
+        finally:
+            for conn in held:
+                conn.close()
             processes.stop_all()

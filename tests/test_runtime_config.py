@@ -42,9 +42,16 @@ def test_runtime_config_refuses_injection(entrypoint: Path, tmp_path: Path, valu
 
 @pytest.mark.parametrize("value", ["10r/s; allow all", "-1", "1.5", "$(id)"])
 def test_rate_limit_refuses_anything_but_a_whole_number(entrypoint: Path, tmp_path: Path, value: str) -> None:
-    """API_RATE_LIMIT and API_RATE_BURST become nginx directives: nothing else can get in."""
-    for name in ("API_RATE_LIMIT", "API_RATE_BURST"):
+    """The rate and per-client limits become nginx directives: nothing else can get in."""
+    for name in ("API_RATE_LIMIT", "API_RATE_BURST", "CLIENT_CONNECTION_LIMIT", "CLIENT_TIMEOUT"):
         result = start(entrypoint, tmp_path, **{name: value})
         assert result.returncode == 1 and "started" not in result.stdout
         assert f"{name} must be a whole number" in result.stderr
         assert not list((tmp_path / "tmp" / "nginx").glob("*limit*"))
+
+
+def test_client_timeout_of_zero_is_refused(entrypoint: Path, tmp_path: Path) -> None:
+    """nginx reads 0s as no wait at all: every request would time out."""
+    result = start(entrypoint, tmp_path, CLIENT_TIMEOUT="0")
+    assert result.returncode == 1 and "CLIENT_TIMEOUT must be at least 1" in result.stderr
+    assert not list((tmp_path / "tmp" / "nginx").glob("*limit*"))
