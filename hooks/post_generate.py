@@ -76,28 +76,45 @@ def user_owned(name: str) -> bool:
     )
 
 
-def report_kept(project: Path, answers: dict) -> None:
-    kept = kept_files(project, answers)
+# The template's README, for a repository that kept its own README.md (see copier.yml `_exclude`).
+TEMPLATE_README = "docs/README.hardened-compose.md"
+
+
+def report_kept(project: Path, kept: list[str], answers: dict) -> None:
     for name in filter(user_owned, kept):
         print(f"KEPT {name}: yours, as it was (the template's starting version was not written).", file=sys.stderr)
     managed = [name for name in kept if not user_owned(name)]
     if not managed:
         return
     for name in managed:
-        print(f"KEPT {name}: it was here before, so the template's {name} was not written.", file=sys.stderr)
+        where = f"; the template's README is {TEMPLATE_README}: link it from yours" if name == "README.md" else ""
+        print(f"KEPT {name}: it was here before, so it stays yours: the template did not write it and no "
+              f"update or recopy will{where}.", file=sys.stderr)  # fmt: skip
     advice = [
-        "Those files are untouched, but the stack needs the template's versions (they are managed: "
-        "docs/OPERATIONS.md#customizing).",
-        "Merge them: `copier recopy --trust --defaults` in a terminal asks 'Overwrite <file>?' for each file;",
-        "answer y to take the template's version (keep a copy of yours first), n to keep yours.",
-        "A managed file you keep is your local change to it: `copier update` merges template changes into it.",
-    ]
+        "They are recorded as adopted_files in " + ANSWERS_FILE + " (docs/OPERATIONS.md#customizing).",
+        "The stack uses them as they are: merge into them by hand what it needs from the template's versions "
+        "(`copier copy --trust --defaults --data-file " + ANSWERS_FILE + " <template> /tmp/template-view` renders them).",
+        "To hand one over to the template instead: `git mv` yours away, delete its line under adopted_files in "
+        + ANSWERS_FILE + ", commit, then `copier recopy --trust --defaults --overwrite` and review `git diff`.",
+    ]  # fmt: skip
     if ".gitignore" in kept:
         advice.append("Your .gitignore was kept: add `/.env` and `/backups/` to it (secrets/ has its own .gitignore).")
     if answers.get("backend") == "skeleton" and any(name.startswith("backend/app/") for name in kept):
         advice.append("backend/ holds your own app: to render the infrastructure only, `copier recopy --trust "
                       "--defaults --data backend=existing` (docs/OPERATIONS.md#your-application).")  # fmt: skip
     print("\n".join(advice), file=sys.stderr)
+
+
+def record_adopted(project: Path, kept: list[str]) -> None:
+    """First copy: the files the repository had before it become adopted_files (copier.yml): the
+    answers file Copier has just written holds `adopted_files: []`, replaced here in its layout.
+    The template's README has its own file only when the repository kept its README.md."""
+    answers = project / ANSWERS_FILE
+    text = answers.read_text()
+    entry = "adopted_files:" + ("".join(f"\n- {name}" for name in kept) if kept else " []")
+    answers.write_text(re.sub(r"^adopted_files:.*$", lambda _: entry, text, count=1, flags=re.MULTILINE))
+    if "README.md" not in kept:
+        (project / TEMPLATE_README).unlink(missing_ok=True)
 
 
 def module_file(backend: Path, dotted: str) -> Path | None:
@@ -179,8 +196,11 @@ def main(operation: str) -> int:
         return 0
     try:  # messages only: a surprise here must not cost the project
         answers = yaml.safe_load((project / ANSWERS_FILE).read_text()) or {}
-        if operation == "copy":  # a first copy, a second one or `copier recopy`
-            report_kept(project, answers)
+        if operation in ("copy", "first-copy"):  # "copy": a second copy or `copier recopy`
+            kept = [name for name in kept_files(project, answers) if name not in answers.get("adopted_files", [])]
+            if operation == "first-copy":
+                record_adopted(project, kept)
+            report_kept(project, kept, answers)
         if answers.get("backend") == "existing":
             report_contract(project, answers)
         report_missing_migration_pins(project)

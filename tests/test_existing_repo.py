@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import commit, copier, copier_cli, render, run
+from conftest import TEMPLATE, commit, copier, copier_cli, release, render, run
 
 USER_FILES = {
     "backend/app/main.py": "from fastapi import FastAPI\n\napp = FastAPI()  # mine\n",
@@ -59,11 +59,13 @@ def test_copy_into_a_repository_never_replaces_its_files_and_finishes(tmp_path: 
     for name, content in REPOSITORY_FILES.items():
         assert (project / name).read_text() == content, f"{name} was overwritten:\n{result.stderr}"
     for name in MANAGED_IN_REPOSITORY:
-        assert f"KEPT {name}: it was here before, so the template's {name} was not written." in result.stderr
+        assert f"KEPT {name}: it was here before, so it stays yours: the template did not write it" in result.stderr
+    assert "the template's README is docs/README.hardened-compose.md: link it from yours" in result.stderr
+    assert "the stack needs the template's versions" not in result.stderr  # issue 21 item 5: not true of a README
     assert "KEPT .env: yours, as it was" in result.stderr
     assert "KEPT backend/app/main.py: yours, as it was" in result.stderr
     assert "backend=existing" in result.stderr  # the skeleton met an app of its own
-    assert "copier recopy --trust --defaults" in result.stderr
+    assert "delete its line under adopted_files in .copier-answers.yml" in result.stderr
     assert "Your .gitignore was kept" in result.stderr
     # Everything else is there: the copy did not stop half-way.
     for name in ("compose.yaml", "compose.test.yaml", "docs/OPERATIONS.md", "scripts/verify.py", ".copier-answers.yml"):
@@ -72,12 +74,22 @@ def test_copy_into_a_repository_never_replaces_its_files_and_finishes(tmp_path: 
     assert run("git", "check-ignore", "-q", "secrets/app_secret_key", cwd=project, check=False).returncode == 0
     assert "secrets/app_secret_key" not in run("git", "status", "--porcelain", "-uall", cwd=project).stdout
 
-    # From now on the directory is a generated project: a recopy renders the managed files again.
+    # From now on the directory is a generated project: a recopy renders the managed files again,
+    # but never a file the repository had before (adopted_files), even with --overwrite.
     commit(project, "generated into our repository")
+    shutil.rmtree(project / "scripts")
+    copier("recopy", "--trust", "--defaults", "--overwrite", cwd=project)
+    assert (project / "scripts" / "verify.py").is_file()
+    for name, content in REPOSITORY_FILES.items():
+        assert (project / name).read_text() == content, f"{name} was overwritten by the recopy"
+    # Handing one over to the template, as the message says: move it away, drop its line, recopy.
+    run("git", "mv", "Makefile", "Makefile.ours", cwd=project)
+    answers = project / ".copier-answers.yml"
+    answers.write_text(answers.read_text().replace("- Makefile\n", "", 1))
+    commit(project, "the template's Makefile from now on")
     copier("recopy", "--trust", "--defaults", "--overwrite", cwd=project)
     assert "Managed by hardened-compose" in (project / "Makefile").read_text()
-    assert (project / ".env").read_text() == REPOSITORY_FILES[".env"]
-    assert (project / "backend/app/main.py").read_text() == REPOSITORY_FILES["backend/app/main.py"]
+    assert (project / "README.md").read_text() == REPOSITORY_FILES["README.md"]
 
 
 def test_existing_app_mode_renders_infrastructure_only(tmp_path: Path) -> None:
@@ -169,3 +181,36 @@ def test_recopy_says_it_rendered_again(tmp_path: Path) -> None:
     assert "Files you own were not overwritten: .env, compose.override.yaml" in output
     assert "KEPT" not in output
     assert (project / "scripts" / "verify.py").is_file()
+
+
+def test_an_update_never_writes_a_file_the_repository_had_before_adoption(tmp_path: Path) -> None:
+    """Issue 21 item 1: after adoption, an answer change (and a new release) must not merge the
+    template's README (or any other file the repository had before) into the user's: every file
+    kept at adoption is the user's for good. The template's README goes to its own file instead."""
+    template, project = tmp_path / "template", tmp_path / "repo"
+    release(TEMPLATE, template, "v1.0.0")
+    for name, content in REPOSITORY_FILES.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository")
+    copier("copy", "--trust", "--defaults", "--vcs-ref=v1.0.0", "--data=services=[postgres, redis, celery_worker]",
+           str(template), str(project))  # fmt: skip
+    ours = project / "docs" / "README.hardened-compose.md"
+    assert "Managed by hardened-compose" in ours.read_text()
+    commit(project, "adopted hardened-compose")
+
+    # A new release that changes the README and the Makefile, and an answer change.
+    readme = template / "template" / "README.md.jinja"
+    readme.write_text(readme.read_text() + "\nA line added in v2.\n")
+    makefile = template / "template" / "Makefile.jinja"
+    makefile.write_text(makefile.read_text() + "\n# a line added in v2\n")
+    release(template, template, "v2.0.0")
+    result = copier("update", "--trust", "--defaults", "--data=celery_queues=default,emails", cwd=project)
+    output = result.stdout + result.stderr
+    status = run("git", "status", "--porcelain", cwd=project).stdout
+    assert not [line for line in status.splitlines() if line[:2] in ("UU", "AA", "DU", "UD")], status
+    for name, content in REPOSITORY_FILES.items():
+        assert (project / name).read_text() == content, f"{name} was written by the update:\n{output}"
+    assert "A line added in v2." in ours.read_text()
+    assert "worker_emails" in (project / "compose.yaml").read_text()
