@@ -188,6 +188,20 @@ def report_missing_migration_pins(project: Path) -> None:
               "stops at the migrate service (docs/OPERATIONS.md#schema-migrations).", file=sys.stderr)  # fmt: skip
 
 
+def refuse(project: Path, answers_file: str) -> int:
+    """The destination's answers file is another template's (copier.yml foreign_answers_file):
+    nothing was rendered; say how to copy beside it."""
+    try:
+        source = (yaml.safe_load((project / answers_file).read_text()) or {}).get("_src_path", "unknown")
+    except (OSError, yaml.YAMLError, AttributeError):
+        source = "unknown"
+    print(f"ERROR: {answers_file} belongs to another template ({source}), so nothing was written: copy with an "
+          "answers file of this template's own, `copier copy --trust --answers-file .copier-answers.hardened-compose.yml"
+          " ...`, and pass the same --answers-file to every later `copier update` and `copier recopy`.",
+          file=sys.stderr)  # fmt: skip
+    return 1
+
+
 def main(operation: str) -> int:
     project = Path.cwd()
     # During `copier update`, Copier also runs tasks in throw-away renders of the old and new
@@ -215,4 +229,8 @@ def main(operation: str) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:  # copier copy --answers-file
+        ANSWERS_FILE, WITHOUT_HEADER = sys.argv[2], (".json", sys.argv[2])
+    if sys.argv[1:2] == ["refuse"]:
+        sys.exit(refuse(Path.cwd(), sys.argv[2]))
     sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "copy"))

@@ -214,3 +214,37 @@ def test_an_update_never_writes_a_file_the_repository_had_before_adoption(tmp_pa
         assert (project / name).read_text() == content, f"{name} was written by the update:\n{output}"
     assert "A line added in v2." in ours.read_text()
     assert "worker_emails" in (project / "compose.yaml").read_text()
+
+
+OTHER_TEMPLATE_ANSWERS = (
+    "# Changes here will be overwritten by Copier\n_commit: v1.2.0\n_src_path: gh:someone/python-package\npackage_name: acme\n"
+)
+
+
+def test_another_templates_answers_file_does_not_switch_off_the_first_copy_rule(tmp_path: Path) -> None:
+    """Issue 22 item 14: a repository generated from another template has a .copier-answers.yml.
+    That file is not this template's: the copy must still keep every file, and not take the
+    other template's answers file for its own (nor write over it)."""
+    project = tmp_path / "repo"
+    files = {**REPOSITORY_FILES, ".copier-answers.yml": OTHER_TEMPLATE_ANSWERS}
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository, from another template")
+
+    for options in ([], ["--overwrite"]):
+        result = copier_cli(project, *options)
+        assert result.returncode != 0, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+        assert len(errors) == 1 and "--answers-file .copier-answers.hardened-compose.yml" in errors[0], result.stderr
+        assert run("git", "status", "--porcelain", "-uall", cwd=project).stdout == "", "the refused copy changed files"
+
+    # With an answers file of its own, every file is kept, the other template's answers included.
+    result = copier_cli(project, "--answers-file=.copier-answers.hardened-compose.yml")
+    assert result.returncode == 0, result.stderr
+    for name, content in files.items():
+        assert (project / name).read_text() == content, f"{name} was overwritten:\n{result.stderr}"
+    assert "KEPT README.md" in result.stderr
+    assert "README.md" in (project / ".copier-answers.hardened-compose.yml").read_text()
+    assert (project / "compose.yaml").is_file()
