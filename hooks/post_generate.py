@@ -29,6 +29,11 @@ HEADER_LINES = 5
 WITHOUT_HEADER = (".json", ANSWERS_FILE)
 # A requirement line for a distribution (PEP 503 names compare case-insensitively, - _ . alike).
 REQUIREMENT = r"^\s*{}\s*(\[[^\]]*\])?\s*(==|>=|~=|<|>|!=|@|;|\\|$)"
+# Where a Celery app sets the queue its tasks go to (task_default_queue, old-style
+# CELERY_TASK_DEFAULT_QUEUE / CELERY_DEFAULT_QUEUE), as an assignment or a keyword argument.
+DEFAULT_QUEUE = re.compile(r"""\b(?:task_default_queue|CELERY_(?:TASK_)?DEFAULT_QUEUE)['"]?\s*[=:]\s*['"]([^'"]+)['"]""")
+# Celery's own default queue.
+CELERY_DEFAULT_QUEUE = "celery"
 # What the skeleton's migrations (backend/migrations/, the migrate service) import.
 MIGRATION_PACKAGES = ("alembic", "sqlalchemy")
 
@@ -138,10 +143,14 @@ def contract_problems(project: Path, answers: dict) -> list[str]:
         problems.append(f"{path}.py (or {path}/__init__.py) is missing: add the module that defines your ASGI app "
                         f"`{attribute}` (asgi_app={answers['asgi_app']}), importable from backend/.")  # fmt: skip
     celery = answers.get("celery_app") if {"celery_worker", "celery_beat"} & set(answers.get("services", [])) else None
-    if celery and module_file(backend, celery.partition(":")[0]) is None:
+    celery_file = module_file(backend, celery.partition(":")[0]) if celery else None
+    if celery and celery_file is None:
         path = "backend/" + celery.partition(":")[0].replace(".", "/")
         problems.append(f"{path}.py is missing: add the module with your Celery app (celery_app={celery}); "
                         "the workers and beat run `celery --app=" + celery + "`.")  # fmt: skip
+    if celery_file is not None and "celery_worker" in answers.get("services", []):
+        problems += queue_problems(celery_file.relative_to(project).as_posix(), celery_file.read_text(errors="replace"),
+                                   answers["celery_queues"].split(","))  # fmt: skip
     requirements = backend / "requirements.txt"
     if not requirements.is_file():
         problems.append("backend/requirements.txt is missing: list your packages (uvicorn"
@@ -156,6 +165,24 @@ def contract_problems(project: Path, answers: dict) -> list[str]:
         problems.append("backend/requirements.txt has no hashes: the image installs it with `pip install --require-hashes`; "
                         "compile it from backend/requirements.in with `make lock`.")  # fmt: skip
     return problems
+
+
+def queue_problems(path: str, source: str, queues: list[str]) -> list[str]:
+    """A task waits for ever in a queue no worker reads: the app's task_default_queue (read from
+    its Celery module's text) must be one of the answered queues."""
+    answer = f"copier update --trust --data celery_queues={','.join(queues)},"
+    match = DEFAULT_QUEUE.search(source)
+    if match is None:
+        if CELERY_DEFAULT_QUEUE in queues:
+            return []
+        return [f"{path} does not set task_default_queue: unless your configuration sets it elsewhere, your tasks go "
+                f"to Celery's default queue `{CELERY_DEFAULT_QUEUE}`, which no worker reads (they read "
+                f"{', '.join(queues)}): set task_default_queue to one of those in your Celery app, or "
+                f"`{answer}{CELERY_DEFAULT_QUEUE}`."]  # fmt: skip
+    if match[1] in queues:
+        return []
+    return [f"{path} sets task_default_queue '{match[1]}', which no worker reads (they read {', '.join(queues)}): "
+            f"`{answer}{match[1]}`, or route the tasks to one of those queues."]  # fmt: skip
 
 
 def report_contract(project: Path, answers: dict) -> None:

@@ -107,7 +107,7 @@ def test_existing_app_mode_renders_infrastructure_only(tmp_path: Path) -> None:
 LOCK = "uvicorn==0.30.0 \\\n    --hash=sha256:{0}\ncelery==5.4.0 \\\n    --hash=sha256:{0}\n".format("a" * 64)
 
 
-def existing_app(tmp_path: Path, files: dict[str, str]) -> str:
+def existing_app(tmp_path: Path, files: dict[str, str], *options: str) -> str:
     """Copy in existing-app mode (with Celery) into a directory holding files; the task's output."""
     project = tmp_path / "app"
     for name, content in files.items():
@@ -115,7 +115,7 @@ def existing_app(tmp_path: Path, files: dict[str, str]) -> str:
         (project / name).write_text(content)
     data = ["--data=backend=existing", "--data=asgi_app=service.api:app", "--data=celery_app=service.tasks:app",
             "--data=services=[postgres, redis, celery_worker]"]  # fmt: skip
-    result = copier_cli(project, *data)
+    result = copier_cli(project, *data, *options)
     assert result.returncode == 0, result.stderr  # a warning, never a lost project
     assert (project / "compose.yaml").is_file()
     return result.stderr
@@ -248,3 +248,20 @@ def test_another_templates_answers_file_does_not_switch_off_the_first_copy_rule(
     assert "KEPT README.md" in result.stderr
     assert "README.md" in (project / ".copier-answers.hardened-compose.yml").read_text()
     assert (project / "compose.yaml").is_file()
+
+
+def test_the_existing_app_check_names_a_default_queue_no_worker_reads(tmp_path: Path) -> None:
+    """Issue 21 item 2: tasks go to the app's task_default_queue (Celery's own default: `celery`);
+    the check says so when no rendered worker reads that queue, and is silent when one does."""
+    base = {"backend/service/api.py": "app = object()\n", "backend/requirements.txt": LOCK}
+    plain = {**base, "backend/service/tasks.py": "from celery import Celery\n\napp = Celery('service')\n"}
+    assert "EXISTING APP" not in existing_app(tmp_path / "defaults", plain)
+
+    other = existing_app(tmp_path / "default-queue", plain, "--data=celery_queues=default")
+    messages = re.findall(r"^EXISTING APP: (.*)$", other, re.MULTILINE)
+    assert len(messages) == 1 and "`celery`" in messages[0] and "task_default_queue" in messages[0], other
+
+    emails = {**base, "backend/service/tasks.py": "app = Celery('s')\napp.conf.task_default_queue = \"emails\"\n"}
+    messages = re.findall(r"^EXISTING APP: (.*)$", existing_app(tmp_path / "emails", emails), re.MULTILINE)
+    assert len(messages) == 1 and "task_default_queue 'emails'" in messages[0] and "celery_queues=" in messages[0]
+    assert "EXISTING APP" not in existing_app(tmp_path / "answered", emails, "--data=celery_queues=emails,celery")
