@@ -265,3 +265,29 @@ def test_the_existing_app_check_names_a_default_queue_no_worker_reads(tmp_path: 
     messages = re.findall(r"^EXISTING APP: (.*)$", existing_app(tmp_path / "emails", emails), re.MULTILINE)
     assert len(messages) == 1 and "task_default_queue 'emails'" in messages[0] and "celery_queues=" in messages[0]
     assert "EXISTING APP" not in existing_app(tmp_path / "answered", emails, "--data=celery_queues=emails,celery")
+
+
+def test_the_update_message_names_only_what_this_project_owns(tmp_path: Path) -> None:
+    """Issue 21 item 5: after an update, the list of files the user owns names paths this project
+    has (the app's own package, the files adopted at the first copy), never the skeleton's code,
+    a frontend or migrations it does not have."""
+    template, project = tmp_path / "template", tmp_path / "repo"
+    release(TEMPLATE, template, "v1.0.0")
+    files = {"README.md": "# Acme\n", "backend/acme/__init__.py": "", "backend/acme/api.py": "app = object()\n",
+             "backend/requirements.txt": LOCK}  # fmt: skip
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository")
+    copier("copy", "--trust", "--defaults", "--data=backend=existing", "--data=asgi_app=acme.api:app", "--data=frontend=none",
+           str(template),
+           str(project))  # fmt: skip
+    commit(project, "adopted")
+    update = copier("update", "--trust", "--defaults", "--data=update_bot=none", cwd=project)
+    message = (update.stdout + update.stderr).split("hardened-compose update done", 1)[1]
+    promise = message.split("Files you own were not overwritten or deleted:", 1)[1].split("\n\n", 1)[0]
+    for absent in ("backend/app/", "frontend/", "backend/alembic.ini", "backend/migrations/", "nginx/"):
+        assert absent not in promise, f"{absent} is not in this project:\n{promise}"
+    for present in ("backend/acme/", "README.md", ".env", "compose.override.yaml", "backend/requirements.txt"):
+        assert present in promise, f"{present} is this project's and yours:\n{promise}"
