@@ -1,7 +1,10 @@
 """The generated Makefile with the real make and git: image tags follow the repository's version."""
 
 import json
+import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -133,3 +136,37 @@ def test_a_scaled_worker_queue_keeps_one_healthcheck_per_replica(tmp_path: Path)
     assert rendered_verify(project).config_problems(model, test=False) == []
     operations = (project / "docs/OPERATIONS.md").read_text()
     assert "up -d --wait --scale worker_default=3" in operations and "replicas: 3" in operations
+
+
+def test_lock_installs_pip_tools_once_and_keeps_it_out_of_git(tmp_path: Path) -> None:
+    """Issue 21 item 7: `make lock` keeps pip-tools in a venv under .cache/ (gitignored), keyed by
+    the build image, and installs it only when that venv is missing or broken. The recipe's own
+    script runs here twice with the real pip and pip-compile (PyPI), as the container runs it."""
+    project = render(tmp_path / "p", backend="existing", services=[])
+    (project / "backend").mkdir(exist_ok=True)
+    (project / "backend" / "requirements.in").write_text("six==1.16.0\n")
+    recipe = make(project, "-n", "lock").stdout.replace("\\\n", " ")  # continuation lines joined
+    lines = [line for line in recipe.splitlines() if "docker run" in line]
+    argv = shlex.split(lines[0])
+    volumes = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--volume"]
+    cache = next((v.split(":")[0] for v in volumes if "/.cache/" in v), None)
+    assert cache, f"no cache volume for pip-tools: {volumes}"
+    run("git", "init", "-q", cwd=project)
+    ignored = run(
+        "git", "check-ignore", "-q", "--no-index", cache.removeprefix(str(project) + "/") + "/bin/pip", cwd=project, check=False
+    )
+    assert ignored.returncode == 0, f"{cache} is not gitignored"
+    script = argv[argv.index("-c") + 1]
+    venv = tmp_path / "cache"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "LOCK_VENV": str(venv)}
+    runs = []
+    for _ in range(2):
+        started = time.monotonic()
+        result = subprocess.run(["sh", "-c", script], cwd=project / "backend", env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append((time.monotonic() - started, result.stdout + result.stderr))
+    assert "--hash=sha256:" in (project / "backend" / "requirements.txt").read_text()
+    assert "installing pip-tools" in runs[0][1] and "installing pip-tools" not in runs[1][1], runs
+    (venv / "bin" / "pip-compile").unlink()  # a broken cache is rebuilt
+    result = subprocess.run(["sh", "-c", script], cwd=project / "backend", env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "installing pip-tools" in result.stdout + result.stderr
