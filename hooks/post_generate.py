@@ -111,15 +111,17 @@ def report_kept(project: Path, kept: list[str], answers: dict) -> None:
 
 
 def record_adopted(project: Path, kept: list[str]) -> None:
-    """First copy: the files the repository had before it become adopted_files (copier.yml): the
-    answers file Copier has just written holds `adopted_files: []`, replaced here in its layout.
-    The template's README has its own file only when the repository kept its README.md."""
+    """The files the repository had before the first copy become adopted_files (copier.yml), in
+    the answers file's layout (Copier's to_nice_yaml): the entry replaced, or added to a project
+    from before this answer (hooks/migrate.py)."""
     answers = project / ANSWERS_FILE
     text = answers.read_text()
     entry = "adopted_files:" + ("".join(f"\n- {name}" for name in kept) if kept else " []")
-    answers.write_text(re.sub(r"^adopted_files:.*$", lambda _: entry, text, count=1, flags=re.MULTILINE))
-    if "README.md" not in kept:
-        (project / TEMPLATE_README).unlink(missing_ok=True)
+    if re.search(r"^adopted_files:", text, re.MULTILINE):
+        text = re.sub(r"^adopted_files:.*(\n- .*)*$", lambda _: entry, text, count=1, flags=re.MULTILINE)
+    else:
+        text = text + ("" if text.endswith("\n") else "\n") + entry + "\n"
+    answers.write_text(text)
 
 
 def module_file(backend: Path, dotted: str) -> Path | None:
@@ -241,6 +243,8 @@ def main(operation: str) -> int:
             kept = [name for name in kept_files(project, answers) if name not in answers.get("adopted_files", [])]
             if operation == "first-copy":
                 record_adopted(project, kept)
+                if "README.md" not in kept:  # the template's README has its own file only beside the user's
+                    (project / TEMPLATE_README).unlink(missing_ok=True)
             report_kept(project, kept, answers)
         if answers.get("backend") == "existing":
             report_contract(project, answers)

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import TEMPLATE, commit, copier, copier_cli, release, render, run
 
@@ -291,3 +292,36 @@ def test_the_update_message_names_only_what_this_project_owns(tmp_path: Path) ->
         assert absent not in promise, f"{absent} is not in this project:\n{promise}"
     for present in ("backend/acme/", "README.md", ".env", "compose.override.yaml", "backend/requirements.txt"):
         assert present in promise, f"{present} is this project's and yours:\n{promise}"
+
+
+def test_a_repository_adopted_before_adopted_files_existed_gets_them_on_update(tmp_path: Path) -> None:
+    """A project adopted by an earlier release has no adopted_files answer: the first update
+    records the rendered files it holds without the template's header (its own files), and from
+    that update on they are never merged into (no README conflict)."""
+    template, project = tmp_path / "template", tmp_path / "repo"
+    release(TEMPLATE, template, "v1.0.0")
+    for name, content in REPOSITORY_FILES.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository")
+    copier("copy", "--trust", "--defaults", "--vcs-ref=v1.0.0", str(template), str(project))
+    # As an earlier release left it: no adopted_files answer, no docs/README.hardened-compose.md.
+    answers = project / ".copier-answers.yml"
+    answers.write_text(re.sub(r"^adopted_files:\n(- .*\n)*", "", answers.read_text(), flags=re.MULTILINE))
+    assert "adopted_files" not in answers.read_text()
+    (project / "docs" / "README.hardened-compose.md").unlink()
+    commit(project, "adopted with an earlier release")
+
+    readme = template / "template" / "README.md.jinja"
+    readme.write_text(readme.read_text() + "\nA line added in v2.\n")
+    release(template, template, "v2.0.0")
+    result = copier("update", "--trust", "--defaults", cwd=project)
+    output = result.stdout + result.stderr
+    status = run("git", "status", "--porcelain", cwd=project).stdout
+    assert not [line for line in status.splitlines() if line[:2] in ("UU", "AA", "DU", "UD")], status
+    for name, content in REPOSITORY_FILES.items():
+        assert (project / name).read_text() == content, f"{name} was written by the update:\n{output}"
+    recorded = yaml.safe_load(answers.read_text())["adopted_files"]
+    assert set(recorded) == set(MANAGED_IN_REPOSITORY), recorded
+    assert "adopted_files" in output  # the migration says what it recorded
