@@ -13,6 +13,7 @@ import fnmatch
 import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,6 +123,29 @@ def record_adopted(project: Path, kept: list[str]) -> None:
     else:
         text = text + ("" if text.endswith("\n") else "\n") + entry + "\n"
     answers.write_text(text)
+
+
+# Environment files named like the ones that hold real settings (and so, often, secrets), and the
+# suffixes of the examples that do not.
+ENV_FILE = re.compile(r"(^|/)\.env(\.[^/]+)?$")
+ENV_EXAMPLES = (".example", ".sample", ".template", ".dist", ".defaults")
+
+
+def committed_env_files(project: Path) -> list[str]:
+    """The repository's committed .env files other than examples (git's own list; none without git)."""
+    if not (project / ".git").exists():
+        return []
+    git = ["git", "-c", f"core.hooksPath={os.devnull}", "ls-files", "-z"]
+    listed = subprocess.run(git, cwd=project, capture_output=True, text=True, check=True).stdout.split("\0")
+    return sorted(name for name in listed if ENV_FILE.search(name) and not name.endswith(ENV_EXAMPLES))
+
+
+def report_committed_env(project: Path) -> None:
+    for name in committed_env_files(project):
+        print(f"WARNING: {name} is committed to git, and such files usually hold secrets (left as it is): move each "
+              "secret into a file under secrets/ read through a *_FILE variable (docs/OPERATIONS.md#secrets), "
+              f"its other settings into backend.env, then `git rm --cached {name}` and rotate every secret it held "
+              "(git history keeps them).", file=sys.stderr)  # fmt: skip
 
 
 def module_file(backend: Path, dotted: str) -> Path | None:
@@ -243,6 +267,7 @@ def main(operation: str) -> int:
             kept = [name for name in kept_files(project, answers) if name not in answers.get("adopted_files", [])]
             if operation == "first-copy":
                 record_adopted(project, kept)
+                report_committed_env(project)
                 if "README.md" not in kept:  # the template's README has its own file only beside the user's
                     (project / TEMPLATE_README).unlink(missing_ok=True)
             report_kept(project, kept, answers)

@@ -325,3 +325,25 @@ def test_a_repository_adopted_before_adopted_files_existed_gets_them_on_update(t
     recorded = yaml.safe_load(answers.read_text())["adopted_files"]
     assert set(recorded) == set(MANAGED_IN_REPOSITORY), recorded
     assert "adopted_files" in output  # the migration says what it recorded
+
+
+def test_adoption_warns_about_committed_env_files_and_leaves_them(tmp_path: Path) -> None:
+    """Issue 21 item 4 (part): a committed `.env.production` holds what are usually secrets: the
+    first copy names it, says what to do, and never touches it; an example file is not named."""
+    project = tmp_path / "repo"
+    files = {".env.production": "SECRET_KEY=s3cr3t\nDATABASE_URL=postgres://u:p@db/app\n", ".env.example": "SECRET_KEY=\n",
+             "backend/.env.staging": "STRIPE_KEY=sk_live_x\n", "README.md": "# ours\n"}  # fmt: skip
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository")
+    result = copier_cli(project)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING:") and ".env" in line]
+    assert len(warnings) == 2, result.stderr
+    assert ".env.production" in warnings[0] and "backend/.env.staging" in warnings[1]
+    assert all("git rm --cached" in w and "secrets/" in w and "rotate" in w for w in warnings)
+    assert not any(".env.example" in w for w in warnings)
+    for name, content in files.items():
+        assert (project / name).read_text() == content
