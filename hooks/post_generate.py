@@ -13,6 +13,7 @@ import fnmatch
 import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +30,11 @@ HEADER_LINES = 5
 WITHOUT_HEADER = (".json", ANSWERS_FILE)
 # A requirement line for a distribution (PEP 503 names compare case-insensitively, - _ . alike).
 REQUIREMENT = r"^\s*{}\s*(\[[^\]]*\])?\s*(==|>=|~=|<|>|!=|@|;|\\|$)"
+# Where a Celery app sets the queue its tasks go to (task_default_queue, old-style
+# CELERY_TASK_DEFAULT_QUEUE / CELERY_DEFAULT_QUEUE), as an assignment or a keyword argument.
+DEFAULT_QUEUE = re.compile(r"""\b(?:task_default_queue|CELERY_(?:TASK_)?DEFAULT_QUEUE)['"]?\s*[=:]\s*['"]([^'"]+)['"]""")
+# Celery's own default queue.
+CELERY_DEFAULT_QUEUE = "celery"
 # What the skeleton's migrations (backend/migrations/, the migrate service) import.
 MIGRATION_PACKAGES = ("alembic", "sqlalchemy")
 
@@ -76,28 +82,70 @@ def user_owned(name: str) -> bool:
     )
 
 
-def report_kept(project: Path, answers: dict) -> None:
-    kept = kept_files(project, answers)
+# The template's README, for a repository that kept its own README.md (see copier.yml `_exclude`).
+TEMPLATE_README = "docs/README.hardened-compose.md"
+
+
+def report_kept(project: Path, kept: list[str], answers: dict) -> None:
     for name in filter(user_owned, kept):
         print(f"KEPT {name}: yours, as it was (the template's starting version was not written).", file=sys.stderr)
     managed = [name for name in kept if not user_owned(name)]
     if not managed:
         return
     for name in managed:
-        print(f"KEPT {name}: it was here before, so the template's {name} was not written.", file=sys.stderr)
+        where = f"; the template's README is {TEMPLATE_README}: link it from yours" if name == "README.md" else ""
+        print(f"KEPT {name}: it was here before, so it stays yours: the template did not write it and no "
+              f"update or recopy will{where}.", file=sys.stderr)  # fmt: skip
     advice = [
-        "Those files are untouched, but the stack needs the template's versions (they are managed: "
-        "docs/OPERATIONS.md#customizing).",
-        "Merge them: `copier recopy --trust --defaults` in a terminal asks 'Overwrite <file>?' for each file;",
-        "answer y to take the template's version (keep a copy of yours first), n to keep yours.",
-        "A managed file you keep is your local change to it: `copier update` merges template changes into it.",
-    ]
+        "They are recorded as adopted_files in " + ANSWERS_FILE + " (docs/OPERATIONS.md#customizing).",
+        "The stack uses them as they are: merge into them by hand what it needs from the template's versions "
+        "(`copier copy --trust --defaults --data-file " + ANSWERS_FILE + " <template> /tmp/template-view` renders them).",
+        "To hand one over to the template instead: `git mv` yours away, delete its line under adopted_files in "
+        + ANSWERS_FILE + ", commit, then `copier recopy --trust --defaults --overwrite` and review `git diff`.",
+    ]  # fmt: skip
     if ".gitignore" in kept:
         advice.append("Your .gitignore was kept: add `/.env` and `/backups/` to it (secrets/ has its own .gitignore).")
     if answers.get("backend") == "skeleton" and any(name.startswith("backend/app/") for name in kept):
         advice.append("backend/ holds your own app: to render the infrastructure only, `copier recopy --trust "
                       "--defaults --data backend=existing` (docs/OPERATIONS.md#your-application).")  # fmt: skip
     print("\n".join(advice), file=sys.stderr)
+
+
+def record_adopted(project: Path, kept: list[str]) -> None:
+    """The files the repository had before the first copy become adopted_files (copier.yml), in
+    the answers file's layout (Copier's to_nice_yaml): the entry replaced, or added to a project
+    from before this answer (hooks/migrate.py)."""
+    answers = project / ANSWERS_FILE
+    text = answers.read_text()
+    entry = "adopted_files:" + ("".join(f"\n- {name}" for name in kept) if kept else " []")
+    if re.search(r"^adopted_files:", text, re.MULTILINE):
+        text = re.sub(r"^adopted_files:.*(\n- .*)*$", lambda _: entry, text, count=1, flags=re.MULTILINE)
+    else:
+        text = text + ("" if text.endswith("\n") else "\n") + entry + "\n"
+    answers.write_text(text)
+
+
+# Environment files named like the ones that hold real settings (and so, often, secrets), and the
+# suffixes of the examples that do not.
+ENV_FILE = re.compile(r"(^|/)\.env(\.[^/]+)?$")
+ENV_EXAMPLES = (".example", ".sample", ".template", ".dist", ".defaults")
+
+
+def committed_env_files(project: Path) -> list[str]:
+    """The repository's committed .env files other than examples (git's own list; none without git)."""
+    if not (project / ".git").exists():
+        return []
+    git = ["git", "-c", f"core.hooksPath={os.devnull}", "ls-files", "-z"]
+    listed = subprocess.run(git, cwd=project, capture_output=True, text=True, check=True).stdout.split("\0")
+    return sorted(name for name in listed if ENV_FILE.search(name) and not name.endswith(ENV_EXAMPLES))
+
+
+def report_committed_env(project: Path) -> None:
+    for name in committed_env_files(project):
+        print(f"WARNING: {name} is committed to git, and such files usually hold secrets (left as it is): move each "
+              "secret into a file under secrets/ read through a *_FILE variable (docs/OPERATIONS.md#secrets), "
+              f"its other settings into backend.env, then `git rm --cached {name}` and rotate every secret it held "
+              "(git history keeps them).", file=sys.stderr)  # fmt: skip
 
 
 def module_file(backend: Path, dotted: str) -> Path | None:
@@ -121,10 +169,14 @@ def contract_problems(project: Path, answers: dict) -> list[str]:
         problems.append(f"{path}.py (or {path}/__init__.py) is missing: add the module that defines your ASGI app "
                         f"`{attribute}` (asgi_app={answers['asgi_app']}), importable from backend/.")  # fmt: skip
     celery = answers.get("celery_app") if {"celery_worker", "celery_beat"} & set(answers.get("services", [])) else None
-    if celery and module_file(backend, celery.partition(":")[0]) is None:
+    celery_file = module_file(backend, celery.partition(":")[0]) if celery else None
+    if celery and celery_file is None:
         path = "backend/" + celery.partition(":")[0].replace(".", "/")
         problems.append(f"{path}.py is missing: add the module with your Celery app (celery_app={celery}); "
                         "the workers and beat run `celery --app=" + celery + "`.")  # fmt: skip
+    if celery_file is not None and "celery_worker" in answers.get("services", []):
+        problems += queue_problems(celery_file.relative_to(project).as_posix(), celery_file.read_text(errors="replace"),
+                                   answers["celery_queues"].split(","))  # fmt: skip
     requirements = backend / "requirements.txt"
     if not requirements.is_file():
         problems.append("backend/requirements.txt is missing: list your packages (uvicorn"
@@ -139,6 +191,24 @@ def contract_problems(project: Path, answers: dict) -> list[str]:
         problems.append("backend/requirements.txt has no hashes: the image installs it with `pip install --require-hashes`; "
                         "compile it from backend/requirements.in with `make lock`.")  # fmt: skip
     return problems
+
+
+def queue_problems(path: str, source: str, queues: list[str]) -> list[str]:
+    """A task waits for ever in a queue no worker reads: the app's task_default_queue (read from
+    its Celery module's text) must be one of the answered queues."""
+    answer = f"copier update --trust --data celery_queues={','.join(queues)},"
+    match = DEFAULT_QUEUE.search(source)
+    if match is None:
+        if CELERY_DEFAULT_QUEUE in queues:
+            return []
+        return [f"{path} does not set task_default_queue: unless your configuration sets it elsewhere, your tasks go "
+                f"to Celery's default queue `{CELERY_DEFAULT_QUEUE}`, which no worker reads (they read "
+                f"{', '.join(queues)}): set task_default_queue to one of those in your Celery app, or "
+                f"`{answer}{CELERY_DEFAULT_QUEUE}`."]  # fmt: skip
+    if match[1] in queues:
+        return []
+    return [f"{path} sets task_default_queue '{match[1]}', which no worker reads (they read {', '.join(queues)}): "
+            f"`{answer}{match[1]}`, or route the tasks to one of those queues."]  # fmt: skip
 
 
 def report_contract(project: Path, answers: dict) -> None:
@@ -171,6 +241,20 @@ def report_missing_migration_pins(project: Path) -> None:
               "stops at the migrate service (docs/OPERATIONS.md#schema-migrations).", file=sys.stderr)  # fmt: skip
 
 
+def refuse(project: Path, answers_file: str) -> int:
+    """The destination's answers file is another template's (copier.yml foreign_answers_file):
+    nothing was rendered; say how to copy beside it."""
+    try:
+        source = (yaml.safe_load((project / answers_file).read_text()) or {}).get("_src_path", "unknown")
+    except (OSError, yaml.YAMLError, AttributeError):
+        source = "unknown"
+    print(f"ERROR: {answers_file} belongs to another template ({source}), so nothing was written: copy with an "
+          "answers file of this template's own, `copier copy --trust --answers-file .copier-answers.hardened-compose.yml"
+          " ...`, and pass the same --answers-file to every later `copier update` and `copier recopy`.",
+          file=sys.stderr)  # fmt: skip
+    return 1
+
+
 def main(operation: str) -> int:
     project = Path.cwd()
     # During `copier update`, Copier also runs tasks in throw-away renders of the old and new
@@ -179,8 +263,14 @@ def main(operation: str) -> int:
         return 0
     try:  # messages only: a surprise here must not cost the project
         answers = yaml.safe_load((project / ANSWERS_FILE).read_text()) or {}
-        if operation == "copy":  # a first copy, a second one or `copier recopy`
-            report_kept(project, answers)
+        if operation in ("copy", "first-copy"):  # "copy": a second copy or `copier recopy`
+            kept = [name for name in kept_files(project, answers) if name not in answers.get("adopted_files", [])]
+            if operation == "first-copy":
+                record_adopted(project, kept)
+                report_committed_env(project)
+                if "README.md" not in kept:  # the template's README has its own file only beside the user's
+                    (project / TEMPLATE_README).unlink(missing_ok=True)
+            report_kept(project, kept, answers)
         if answers.get("backend") == "existing":
             report_contract(project, answers)
         report_missing_migration_pins(project)
@@ -195,4 +285,8 @@ def main(operation: str) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:  # copier copy --answers-file
+        ANSWERS_FILE, WITHOUT_HEADER = sys.argv[2], (".json", sys.argv[2])
+    if sys.argv[1:2] == ["refuse"]:
+        sys.exit(refuse(Path.cwd(), sys.argv[2]))
     sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "copy"))

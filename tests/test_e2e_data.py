@@ -488,3 +488,58 @@ def test_postgres_password_auth_works_with_the_secret_only(postgres: tuple[Path,
     ).stdout.strip()
     via_url = subprocess.run(["psql", url, "-w", "-tAc", "select 1"], capture_output=True, text=True)
     assert via_url.returncode == 0 and via_url.stdout.strip() == "1"
+
+
+# An existing app's Celery module as such apps write it: Celery's defaults (its tasks go to the
+# queue "celery"), broker and result backend built from the REDIS_* variables and the secret file.
+EXISTING_CELERY_APP = """\
+import os
+from pathlib import Path
+
+from celery import Celery
+
+password = Path(os.environ["REDIS_PASSWORD_FILE"]).read_text().strip()
+url = f"redis://:{password}@{os.environ['REDIS_HOST']}:{os.environ['REDIS_PORT']}/0"
+app = Celery("acme", broker=url, backend=url)
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+"""
+
+
+def test_an_existing_apps_celery_task_runs_on_the_rendered_worker(tmp_path: Path) -> None:
+    """Issue 21 item 2: an existing app that keeps Celery's defaults sends its tasks to the queue
+    `celery`; the worker, started with the rendered command (defaults answered), must run them."""
+    project = render(tmp_path / "p", backend="existing", asgi_app="acme.api:app", celery_app="acme.tasks:app",
+                     services=["redis", "celery_worker"])  # fmt: skip
+    (project / "backend" / "acme").mkdir(parents=True)
+    (project / "backend" / "acme" / "__init__.py").write_text("")
+    (project / "backend" / "acme" / "tasks.py").write_text(EXISTING_CELERY_APP)
+    processes = Processes()
+    with server_root("redis") as root:
+        try:
+            shutil.copy(project / "redis" / "start-redis.sh", root / "start-redis.sh")
+            (root / "data").mkdir()
+            if AS_ROOT:
+                os.chown(root / "data", NOBODY, NOBODY)
+            for secret in compose_model(project, "compose.yaml")["services"]["redis"]["secrets"]:
+                copy_secret(project, secret["source"], root)
+            r = RedisServer(project, root, free_port(), root / "secrets" / "redis_password", processes)
+            wait_ready(r.start(), lambda: redis_answers(r.port))
+            services = compose_model(project, "compose.yaml")["services"]
+            workers = [name for name in services if name.startswith("worker_")]
+            assert len(workers) == 1, workers
+            command = services[workers[0]]["command"]
+            assert command[0] == "celery"
+            env = celery_env(r)
+            start_celery(r, "worker.log", *command[1:], env=env)
+            client = "from acme.tasks import add\nprint(add.delay(2, 3).get(timeout=20))\n"
+            result = subprocess.run([sys.executable, "-c", client], cwd=project / "backend", env=env,
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert result.stdout.strip() == "5", (
+                f"{command}:\n{result.stderr[-1500:]}\n{(root / 'worker.log').read_text()[-1500:]}"
+            )
+        finally:
+            processes.stop_all()

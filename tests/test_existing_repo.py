@@ -5,8 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import commit, copier, copier_cli, render, run
+from conftest import TEMPLATE, commit, copier, copier_cli, release, render, run
 
 USER_FILES = {
     "backend/app/main.py": "from fastapi import FastAPI\n\napp = FastAPI()  # mine\n",
@@ -59,11 +60,13 @@ def test_copy_into_a_repository_never_replaces_its_files_and_finishes(tmp_path: 
     for name, content in REPOSITORY_FILES.items():
         assert (project / name).read_text() == content, f"{name} was overwritten:\n{result.stderr}"
     for name in MANAGED_IN_REPOSITORY:
-        assert f"KEPT {name}: it was here before, so the template's {name} was not written." in result.stderr
+        assert f"KEPT {name}: it was here before, so it stays yours: the template did not write it" in result.stderr
+    assert "the template's README is docs/README.hardened-compose.md: link it from yours" in result.stderr
+    assert "the stack needs the template's versions" not in result.stderr  # issue 21 item 5: not true of a README
     assert "KEPT .env: yours, as it was" in result.stderr
     assert "KEPT backend/app/main.py: yours, as it was" in result.stderr
     assert "backend=existing" in result.stderr  # the skeleton met an app of its own
-    assert "copier recopy --trust --defaults" in result.stderr
+    assert "delete its line under adopted_files in .copier-answers.yml" in result.stderr
     assert "Your .gitignore was kept" in result.stderr
     # Everything else is there: the copy did not stop half-way.
     for name in ("compose.yaml", "compose.test.yaml", "docs/OPERATIONS.md", "scripts/verify.py", ".copier-answers.yml"):
@@ -72,12 +75,22 @@ def test_copy_into_a_repository_never_replaces_its_files_and_finishes(tmp_path: 
     assert run("git", "check-ignore", "-q", "secrets/app_secret_key", cwd=project, check=False).returncode == 0
     assert "secrets/app_secret_key" not in run("git", "status", "--porcelain", "-uall", cwd=project).stdout
 
-    # From now on the directory is a generated project: a recopy renders the managed files again.
+    # From now on the directory is a generated project: a recopy renders the managed files again,
+    # but never a file the repository had before (adopted_files), even with --overwrite.
     commit(project, "generated into our repository")
+    shutil.rmtree(project / "scripts")
+    copier("recopy", "--trust", "--defaults", "--overwrite", cwd=project)
+    assert (project / "scripts" / "verify.py").is_file()
+    for name, content in REPOSITORY_FILES.items():
+        assert (project / name).read_text() == content, f"{name} was overwritten by the recopy"
+    # Handing one over to the template, as the message says: move it away, drop its line, recopy.
+    run("git", "mv", "Makefile", "Makefile.ours", cwd=project)
+    answers = project / ".copier-answers.yml"
+    answers.write_text(answers.read_text().replace("- Makefile\n", "", 1))
+    commit(project, "the template's Makefile from now on")
     copier("recopy", "--trust", "--defaults", "--overwrite", cwd=project)
     assert "Managed by hardened-compose" in (project / "Makefile").read_text()
-    assert (project / ".env").read_text() == REPOSITORY_FILES[".env"]
-    assert (project / "backend/app/main.py").read_text() == REPOSITORY_FILES["backend/app/main.py"]
+    assert (project / "README.md").read_text() == REPOSITORY_FILES["README.md"]
 
 
 def test_existing_app_mode_renders_infrastructure_only(tmp_path: Path) -> None:
@@ -95,7 +108,7 @@ def test_existing_app_mode_renders_infrastructure_only(tmp_path: Path) -> None:
 LOCK = "uvicorn==0.30.0 \\\n    --hash=sha256:{0}\ncelery==5.4.0 \\\n    --hash=sha256:{0}\n".format("a" * 64)
 
 
-def existing_app(tmp_path: Path, files: dict[str, str]) -> str:
+def existing_app(tmp_path: Path, files: dict[str, str], *options: str) -> str:
     """Copy in existing-app mode (with Celery) into a directory holding files; the task's output."""
     project = tmp_path / "app"
     for name, content in files.items():
@@ -103,7 +116,7 @@ def existing_app(tmp_path: Path, files: dict[str, str]) -> str:
         (project / name).write_text(content)
     data = ["--data=backend=existing", "--data=asgi_app=service.api:app", "--data=celery_app=service.tasks:app",
             "--data=services=[postgres, redis, celery_worker]"]  # fmt: skip
-    result = copier_cli(project, *data)
+    result = copier_cli(project, *data, *options)
     assert result.returncode == 0, result.stderr  # a warning, never a lost project
     assert (project / "compose.yaml").is_file()
     return result.stderr
@@ -169,3 +182,168 @@ def test_recopy_says_it_rendered_again(tmp_path: Path) -> None:
     assert "Files you own were not overwritten: .env, compose.override.yaml" in output
     assert "KEPT" not in output
     assert (project / "scripts" / "verify.py").is_file()
+
+
+def test_an_update_never_writes_a_file_the_repository_had_before_adoption(tmp_path: Path) -> None:
+    """Issue 21 item 1: after adoption, an answer change (and a new release) must not merge the
+    template's README (or any other file the repository had before) into the user's: every file
+    kept at adoption is the user's for good. The template's README goes to its own file instead."""
+    template, project = tmp_path / "template", tmp_path / "repo"
+    release(TEMPLATE, template, "v1.0.0")
+    for name, content in REPOSITORY_FILES.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository")
+    copier("copy", "--trust", "--defaults", "--vcs-ref=v1.0.0", "--data=services=[postgres, redis, celery_worker]",
+           str(template), str(project))  # fmt: skip
+    ours = project / "docs" / "README.hardened-compose.md"
+    assert "Managed by hardened-compose" in ours.read_text()
+    commit(project, "adopted hardened-compose")
+
+    # A new release that changes the README and the Makefile, and an answer change.
+    readme = template / "template" / "README.md.jinja"
+    readme.write_text(readme.read_text() + "\nA line added in v2.\n")
+    makefile = template / "template" / "Makefile.jinja"
+    makefile.write_text(makefile.read_text() + "\n# a line added in v2\n")
+    release(template, template, "v2.0.0")
+    result = copier("update", "--trust", "--defaults", "--data=celery_queues=default,emails", cwd=project)
+    output = result.stdout + result.stderr
+    status = run("git", "status", "--porcelain", cwd=project).stdout
+    assert not [line for line in status.splitlines() if line[:2] in ("UU", "AA", "DU", "UD")], status
+    for name, content in REPOSITORY_FILES.items():
+        assert (project / name).read_text() == content, f"{name} was written by the update:\n{output}"
+    assert "A line added in v2." in ours.read_text()
+    assert "worker_emails" in (project / "compose.yaml").read_text()
+
+
+OTHER_TEMPLATE_ANSWERS = (
+    "# Changes here will be overwritten by Copier\n_commit: v1.2.0\n_src_path: gh:someone/python-package\npackage_name: acme\n"
+)
+
+
+def test_another_templates_answers_file_does_not_switch_off_the_first_copy_rule(tmp_path: Path) -> None:
+    """Issue 22 item 14: a repository generated from another template has a .copier-answers.yml.
+    That file is not this template's: the copy must still keep every file, and not take the
+    other template's answers file for its own (nor write over it)."""
+    project = tmp_path / "repo"
+    files = {**REPOSITORY_FILES, ".copier-answers.yml": OTHER_TEMPLATE_ANSWERS}
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository, from another template")
+
+    for options in ([], ["--overwrite"]):
+        result = copier_cli(project, *options)
+        assert result.returncode != 0, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+        assert len(errors) == 1 and "--answers-file .copier-answers.hardened-compose.yml" in errors[0], result.stderr
+        assert run("git", "status", "--porcelain", "-uall", cwd=project).stdout == "", "the refused copy changed files"
+
+    # With an answers file of its own, every file is kept, the other template's answers included.
+    result = copier_cli(project, "--answers-file=.copier-answers.hardened-compose.yml")
+    assert result.returncode == 0, result.stderr
+    for name, content in files.items():
+        assert (project / name).read_text() == content, f"{name} was overwritten:\n{result.stderr}"
+    assert "KEPT README.md" in result.stderr
+    assert "README.md" in (project / ".copier-answers.hardened-compose.yml").read_text()
+    assert (project / "compose.yaml").is_file()
+
+
+def test_the_existing_app_check_names_a_default_queue_no_worker_reads(tmp_path: Path) -> None:
+    """Issue 21 item 2: tasks go to the app's task_default_queue (Celery's own default: `celery`);
+    the check says so when no rendered worker reads that queue, and is silent when one does."""
+    base = {"backend/service/api.py": "app = object()\n", "backend/requirements.txt": LOCK}
+    plain = {**base, "backend/service/tasks.py": "from celery import Celery\n\napp = Celery('service')\n"}
+    assert "EXISTING APP" not in existing_app(tmp_path / "defaults", plain)
+
+    other = existing_app(tmp_path / "default-queue", plain, "--data=celery_queues=default")
+    messages = re.findall(r"^EXISTING APP: (.*)$", other, re.MULTILINE)
+    assert len(messages) == 1 and "`celery`" in messages[0] and "task_default_queue" in messages[0], other
+
+    emails = {**base, "backend/service/tasks.py": "app = Celery('s')\napp.conf.task_default_queue = \"emails\"\n"}
+    messages = re.findall(r"^EXISTING APP: (.*)$", existing_app(tmp_path / "emails", emails), re.MULTILINE)
+    assert len(messages) == 1 and "task_default_queue 'emails'" in messages[0] and "celery_queues=" in messages[0]
+    assert "EXISTING APP" not in existing_app(tmp_path / "answered", emails, "--data=celery_queues=emails,celery")
+
+
+def test_the_update_message_names_only_what_this_project_owns(tmp_path: Path) -> None:
+    """Issue 21 item 5: after an update, the list of files the user owns names paths this project
+    has (the app's own package, the files adopted at the first copy), never the skeleton's code,
+    a frontend or migrations it does not have."""
+    template, project = tmp_path / "template", tmp_path / "repo"
+    release(TEMPLATE, template, "v1.0.0")
+    files = {"README.md": "# Acme\n", "backend/acme/__init__.py": "", "backend/acme/api.py": "app = object()\n",
+             "backend/requirements.txt": LOCK}  # fmt: skip
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository")
+    copier("copy", "--trust", "--defaults", "--data=backend=existing", "--data=asgi_app=acme.api:app", "--data=frontend=none",
+           str(template),
+           str(project))  # fmt: skip
+    commit(project, "adopted")
+    update = copier("update", "--trust", "--defaults", "--data=update_bot=none", cwd=project)
+    message = (update.stdout + update.stderr).split("hardened-compose update done", 1)[1]
+    promise = message.split("Files you own were not overwritten or deleted:", 1)[1].split("\n\n", 1)[0]
+    for absent in ("backend/app/", "frontend/", "backend/alembic.ini", "backend/migrations/", "nginx/"):
+        assert absent not in promise, f"{absent} is not in this project:\n{promise}"
+    for present in ("backend/acme/", "README.md", ".env", "compose.override.yaml", "backend/requirements.txt"):
+        assert present in promise, f"{present} is this project's and yours:\n{promise}"
+
+
+def test_a_repository_adopted_before_adopted_files_existed_gets_them_on_update(tmp_path: Path) -> None:
+    """A project adopted by an earlier release has no adopted_files answer: the first update
+    records the rendered files it holds without the template's header (its own files), and from
+    that update on they are never merged into (no README conflict)."""
+    template, project = tmp_path / "template", tmp_path / "repo"
+    release(TEMPLATE, template, "v1.0.0")
+    for name, content in REPOSITORY_FILES.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository")
+    copier("copy", "--trust", "--defaults", "--vcs-ref=v1.0.0", str(template), str(project))
+    # As an earlier release left it: no adopted_files answer, no docs/README.hardened-compose.md.
+    answers = project / ".copier-answers.yml"
+    answers.write_text(re.sub(r"^adopted_files:\n(- .*\n)*", "", answers.read_text(), flags=re.MULTILINE))
+    assert "adopted_files" not in answers.read_text()
+    (project / "docs" / "README.hardened-compose.md").unlink()
+    commit(project, "adopted with an earlier release")
+
+    readme = template / "template" / "README.md.jinja"
+    readme.write_text(readme.read_text() + "\nA line added in v2.\n")
+    release(template, template, "v2.0.0")
+    result = copier("update", "--trust", "--defaults", cwd=project)
+    output = result.stdout + result.stderr
+    status = run("git", "status", "--porcelain", cwd=project).stdout
+    assert not [line for line in status.splitlines() if line[:2] in ("UU", "AA", "DU", "UD")], status
+    for name, content in REPOSITORY_FILES.items():
+        assert (project / name).read_text() == content, f"{name} was written by the update:\n{output}"
+    recorded = yaml.safe_load(answers.read_text())["adopted_files"]
+    assert set(recorded) == set(MANAGED_IN_REPOSITORY), recorded
+    assert "adopted_files" in output  # the migration says what it recorded
+
+
+def test_adoption_warns_about_committed_env_files_and_leaves_them(tmp_path: Path) -> None:
+    """Issue 21 item 4 (part): a committed `.env.production` holds what are usually secrets: the
+    first copy names it, says what to do, and never touches it; an example file is not named."""
+    project = tmp_path / "repo"
+    files = {".env.production": "SECRET_KEY=s3cr3t\nDATABASE_URL=postgres://u:p@db/app\n", ".env.example": "SECRET_KEY=\n",
+             "backend/.env.staging": "STRIPE_KEY=sk_live_x\n", "README.md": "# ours\n"}  # fmt: skip
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    run("git", "init", "-q", cwd=project)
+    commit(project, "our repository")
+    result = copier_cli(project)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING:") and ".env" in line]
+    assert len(warnings) == 2, result.stderr
+    assert ".env.production" in warnings[0] and "backend/.env.staging" in warnings[1]
+    assert all("git rm --cached" in w and "secrets/" in w and "rotate" in w for w in warnings)
+    assert not any(".env.example" in w for w in warnings)
+    for name, content in files.items():
+        assert (project / name).read_text() == content

