@@ -252,7 +252,12 @@ def test_boot_topology_is_healthy_verified_and_isolated(
         if "redis" in answers["services"]:
             assert http(port, "/api/health/redis")[0] == 200
         if "celery_worker" in answers["services"]:
-            assert json.loads(http(port, "/api/tasks/add?a=2&b=3", method="POST")[1]) == {"result": 5}
+            # No demo route in the test stack (development only): a task sent from the API's container.
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                http(port, "/api/tasks/add?a=2&b=3", method="POST")
+            task = "from app.celery_app import add; print(add.delay(2, 3).get(timeout=60))"
+            assert engine.compose(project, "compose.test.yaml", "exec", "-T", "backend", "python", "-c", task,
+                                  HTTP_PORT=str(port)).stdout.strip() == "5"  # fmt: skip
         if answers["frontend"] == "spa":
             status, page = http(port, "/")
             assert status == 200 and b"Boot Demo" in page
@@ -442,8 +447,8 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
         login = f'PGPASSWORD="$1" psql -X -qtA -h 127.0.0.1 -U "${user_variable}" -d "$POSTGRES_DB" -c "$0"'
         return compose("exec", "-T", "postgres", "sh", "-c", login, statement, password, check=False)
 
-    def secret(name: str) -> str:
-        return (project / "secrets" / name).read_text()
+    def secret(name: str) -> str:  # the test stack's own (secrets/test/), never production's
+        return (project / "secrets" / "test" / name).read_text()
 
     def rotate(name: str) -> str:
         command = ["python3", "scripts/rotate_secret.py", "--compose-file", "compose.test.yaml", name]
@@ -451,6 +456,7 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
+    production = {path.name: path.read_text() for path in (project / "secrets").iterdir() if path.is_file()}
     try:
         compose("up", "--detach", "--wait", "--no-build")
         assert (
@@ -481,7 +487,8 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
 
         rotate("app_secret_key")
         assert http(port, "/api/health") == (200, b'{"status":"ok"}')
-        assert not list((project / "secrets").glob(".*.previous"))
+        assert not list((project / "secrets").glob("**/.*.previous"))
+        assert {path.name: path.read_text() for path in (project / "secrets").iterdir() if path.is_file()} == production
     finally:
         compose("down", "--volumes", check=False)
 
