@@ -56,7 +56,8 @@ def test_the_test_stack_has_secrets_of_its_own(tmp_path: Path) -> None:
     production = compose_model(project, "compose.yaml")["secrets"]
     test = compose_model(project, "compose.test.yaml")["secrets"]
     assert set(test) == set(production)
-    assert {name: spec["file"] for name, spec in test.items()} == {name: str(project / "secrets" / "test" / name) for name in test}
+    own = project / "secrets" / "test"
+    assert {name: spec["file"] for name, spec in test.items()} == {name: str(own / name) for name in test}
     test_values = {(project / "secrets" / "test" / name).read_text() for name in test}
     assert len(test_values) == len(test) and not test_values & {Path(spec["file"]).read_text() for spec in production.values()}
     for name in test:
