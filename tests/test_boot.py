@@ -360,6 +360,40 @@ def test_boot_build_context_of_the_nginx_images_admits_only_what_they_copy(engin
     assert "nginx/nginx.conf" in received and "frontend/src/main.js" in received and not received & never
 
 
+# Local files that must never reach the backend image (make swarm-push sends it to a registry).
+BACKEND_NEVER = [".env", ".env.production", "x.pem", "id.key", "secrets/token", ".git/config", "notes.txt",
+                 "app/.env.local", "app/tls/server.key", "app/__pycache__/main.cpython-311.pyc"]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["skeleton", "existing"])
+def test_boot_build_context_of_the_backend_admits_only_what_the_image_needs(engine: Engine, tmp_path: Path, backend: str) -> None:
+    """backend/.dockerignore is an allow-list: the app's code, the lock and the image's scripts
+    enter the build context; env files, keys, secrets, git and anything unlisted never do."""
+    existing = {"asgi_app": "app.asgi:app", "backend_context": "manage.py templates"} if backend == "existing" else {}
+    project = render(tmp_path / "p", backend=backend, services=["postgres"], frontend="none", proxy_mode="none",
+                     **existing, **COMMON)  # fmt: skip
+    context = project / "backend"
+    needed = ["app/__init__.py", "app/asgi.py", "manage.py", "templates/index.html", "requirements.txt"] if existing else []
+    for name in BACKEND_NEVER + needed:
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        (context / name).write_text("local\n")
+    probe = tmp_path / "probe.Dockerfile"  # outside the context: only the context is listed
+    probe.write_text(f"FROM {BASE_IMAGE}\nCOPY . /context/\n")
+    engine.build("hc-context-probe", context, probe)
+    listing = engine.docker("run", "--rm", "hc-context-probe", "find", "/context", "-type", "f").stdout.split()
+    received = {name.removeprefix("/context/") for name in listing}
+    admitted = {"requirements.txt", "docker/healthcheck.py", "docker/web-concurrency.sh"} | {
+        str(path.relative_to(context)) for path in (context / "app").rglob("*.py") if "__pycache__" not in path.parts
+    }
+    admitted |= (
+        {"manage.py", "templates/index.html"}
+        if existing
+        else {"alembic.ini"} | {str(path.relative_to(context)) for path in (context / "migrations").rglob("*") if path.is_file()}
+    )
+    assert received == admitted
+    assert not received & set(BACKEND_NEVER)
+
+
 def test_backup_and_restore_round_trip(engine: Engine, tmp_path: Path) -> None:
     """make backup / make restore against the real database: private files, nothing left by a
     failed dump, damaged or empty files refused, encrypted dumps, data back after the volume
