@@ -144,13 +144,16 @@ def contract_problems(project: Path, answers: dict) -> list[str]:
 def left_out_of_image(project: Path, answers: dict) -> list[str]:
     """The entries of backend/ that backend/.dockerignore keeps out of the image (it admits the
     packages of asgi_app and celery_app, requirements.txt, docker/ and backend_context), leaving
-    aside what never belongs there: hidden files, keys, secrets, caches, the Dockerfile."""
-    modules = [answers["asgi_app"], answers.get("celery_app", "")]
+    aside what never belongs there: hidden files, keys, secrets, caches, the Dockerfile. The
+    skeleton's are app/, alembic.ini and migrations/."""
+    skeleton = answers.get("backend") != "existing"
+    modules = ["app"] if skeleton else [answers["asgi_app"], answers.get("celery_app", "")]
     admitted = {"requirements.txt", "docker", "Dockerfile", "requirements.in", "secrets", "__pycache__"}
+    admitted |= {"alembic.ini", "migrations"} if skeleton else set()
     admitted |= {module.partition(":")[0].split(".")[0] for module in modules if module}
     admitted |= {path.split("/")[0] for path in str(answers.get("backend_context") or "").split()}
     keys = (".pem", ".key", ".p12", ".pfx", ".pyc")
-    entries = [path.name for path in (project / "backend").iterdir()]
+    entries = [path.name for path in (project / "backend").iterdir()] if (project / "backend").is_dir() else []
     return sorted(
         name
         for name in entries
@@ -158,16 +161,24 @@ def left_out_of_image(project: Path, answers: dict) -> list[str]:
     )
 
 
+def report_left_out_of_image(project: Path, answers: dict) -> None:
+    left_out = left_out_of_image(project, answers)
+    if not left_out:
+        return
+    remedy = (
+        "move them into backend/app/"
+        if answers.get("backend") != "existing"
+        else "name them in backend_context: copier update --trust --data 'backend_context=<paths>' "
+        "(docs/OPERATIONS.md#your-application)"
+    )
+    print(f"NOTE: not in the backend image (backend/.dockerignore is an allow-list): backend/{', backend/'.join(left_out)}. "
+          f"If the app needs any of them at run time, {remedy}.", file=sys.stderr)  # fmt: skip
+
+
 def report_contract(project: Path, answers: dict) -> None:
     problems = contract_problems(project, answers)
     for problem in problems:
         print(f"EXISTING APP: {problem}", file=sys.stderr)
-    left_out = left_out_of_image(project, answers)
-    if left_out:
-        print(f"NOTE: not in the backend image (backend/.dockerignore is an allow-list): backend/{', backend/'.join(left_out)}. "
-              "If the app needs any of them at run time, name them in backend_context: "
-              "copier update --trust --data 'backend_context=<paths>' (docs/OPERATIONS.md#your-application).",
-              file=sys.stderr)  # fmt: skip
     if problems:
         print("The image builds once these are in place (docs/OPERATIONS.md#your-application); nothing else "
               "needs to wait for them.", file=sys.stderr)  # fmt: skip
@@ -206,6 +217,7 @@ def main(operation: str) -> int:
             report_kept(project, answers)
         if answers.get("backend") == "existing":
             report_contract(project, answers)
+        report_left_out_of_image(project, answers)
         report_missing_migration_pins(project)
     except Exception as exc:
         print(f"WARNING: could not check the project's files ({exc}).", file=sys.stderr)
