@@ -211,6 +211,40 @@ def queue_problems(path: str, source: str, queues: list[str]) -> list[str]:
             f"`{answer}{match[1]}`, or route the tasks to one of those queues."]  # fmt: skip
 
 
+def left_out_of_image(project: Path, answers: dict) -> list[str]:
+    """The entries of backend/ that backend/.dockerignore keeps out of the image (it admits the
+    packages of asgi_app and celery_app, requirements.txt, docker/ and backend_context), leaving
+    aside what never belongs there: hidden files, keys, secrets, caches, the Dockerfile. The
+    skeleton's are app/, alembic.ini and migrations/."""
+    skeleton = answers.get("backend") != "existing"
+    modules = ["app"] if skeleton else [answers["asgi_app"], answers.get("celery_app", "")]
+    admitted = {"requirements.txt", "docker", "Dockerfile", "requirements.in", "secrets", "__pycache__"}
+    admitted |= {"alembic.ini", "migrations"} if skeleton else set()
+    admitted |= {module.partition(":")[0].split(".")[0] for module in modules if module}
+    admitted |= {path.split("/")[0] for path in str(answers.get("backend_context") or "").split()}
+    keys = (".pem", ".key", ".p12", ".pfx", ".pyc")
+    entries = [path.name for path in (project / "backend").iterdir()] if (project / "backend").is_dir() else []
+    return sorted(
+        name
+        for name in entries
+        if not name.startswith((".", "id_")) and Path(name).suffix not in keys and not {name, name.removesuffix(".py")} & admitted
+    )
+
+
+def report_left_out_of_image(project: Path, answers: dict) -> None:
+    left_out = left_out_of_image(project, answers)
+    if not left_out:
+        return
+    remedy = (
+        "move them into backend/app/"
+        if answers.get("backend") != "existing"
+        else "name them in backend_context: copier update --trust --data 'backend_context=<paths>' "
+        "(docs/OPERATIONS.md#your-application)"
+    )
+    print(f"NOTE: not in the backend image (backend/.dockerignore is an allow-list): backend/{', backend/'.join(left_out)}. "
+          f"If the app needs any of them at run time, {remedy}.", file=sys.stderr)  # fmt: skip
+
+
 def report_contract(project: Path, answers: dict) -> None:
     problems = contract_problems(project, answers)
     for problem in problems:
@@ -273,6 +307,7 @@ def main(operation: str) -> int:
             report_kept(project, kept, answers)
         if answers.get("backend") == "existing":
             report_contract(project, answers)
+        report_left_out_of_image(project, answers)
         report_missing_migration_pins(project)
     except Exception as exc:
         print(f"WARNING: could not check the project's files ({exc}).", file=sys.stderr)

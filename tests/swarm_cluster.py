@@ -105,10 +105,14 @@ class Cluster:
             run("ip", "-n", node, "route", "add", "default", "via", f"{SUBNET}.1")
 
     def _make_swarm(self) -> None:
-        self.manager.docker("swarm", "init", "--advertise-addr", self.address(0))
+        """As docs/SWARM.md says: managers autolock, every node on its private address only."""
+        address = self.address(0)
+        self.manager.docker("swarm", "init", "--autolock", "--listen-addr", f"{address}:2377", "--advertise-addr", address)
         token = self.manager.docker("swarm", "join-token", "--quiet", "worker").stdout.strip()
         for index, engine in enumerate(self.engines[1:], start=1):
-            engine.docker("swarm", "join", "--advertise-addr", self.address(index), "--token", token, f"{self.address(0)}:2377")
+            own = self.address(index)
+            listen = ["--listen-addr", f"{own}:2377", "--advertise-addr", own]
+            engine.docker("swarm", "join", *listen, "--token", token, f"{address}:2377")
         ready = lambda: self.node_states() == ["Ready"] * len(self.engines)  # noqa: E731
         if not wait_until(ready, timeout=60, interval=0.5):
             raise RuntimeError(f"nodes not ready: {self.node_states()}")

@@ -252,7 +252,12 @@ def test_boot_topology_is_healthy_verified_and_isolated(
         if "redis" in answers["services"]:
             assert http(port, "/api/health/redis")[0] == 200
         if "celery_worker" in answers["services"]:
-            assert json.loads(http(port, "/api/tasks/add?a=2&b=3", method="POST")[1]) == {"result": 5}
+            # No demo route in the test stack (development only): a task sent from the API's container.
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                http(port, "/api/tasks/add?a=2&b=3", method="POST")
+            task = "from app.celery_app import add; print(add.delay(2, 3).get(timeout=60))"
+            assert engine.compose(project, "compose.test.yaml", "exec", "-T", "backend", "python", "-c", task,
+                                  HTTP_PORT=str(port)).stdout.strip() == "5"  # fmt: skip
         if answers["frontend"] == "spa":
             status, page = http(port, "/")
             assert status == 200 and b"Boot Demo" in page
@@ -355,6 +360,40 @@ def test_boot_build_context_of_the_nginx_images_admits_only_what_they_copy(engin
     assert "nginx/nginx.conf" in received and "frontend/src/main.js" in received and not received & never
 
 
+# Local files that must never reach the backend image (make swarm-push sends it to a registry).
+BACKEND_NEVER = [".env", ".env.production", "x.pem", "id.key", "secrets/token", ".git/config", "notes.txt",
+                 "app/.env.local", "app/tls/server.key", "app/__pycache__/main.cpython-311.pyc"]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["skeleton", "existing"])
+def test_boot_build_context_of_the_backend_admits_only_what_the_image_needs(engine: Engine, tmp_path: Path, backend: str) -> None:
+    """backend/.dockerignore is an allow-list: the app's code, the lock and the image's scripts
+    enter the build context; env files, keys, secrets, git and anything unlisted never do."""
+    existing = {"asgi_app": "app.asgi:app", "backend_context": "manage.py templates"} if backend == "existing" else {}
+    project = render(tmp_path / "p", backend=backend, services=["postgres"], frontend="none", proxy_mode="none",
+                     **existing, **COMMON)  # fmt: skip
+    context = project / "backend"
+    needed = ["app/__init__.py", "app/asgi.py", "manage.py", "templates/index.html", "requirements.txt"] if existing else []
+    for name in BACKEND_NEVER + needed:
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        (context / name).write_text("local\n")
+    probe = tmp_path / "probe.Dockerfile"  # outside the context: only the context is listed
+    probe.write_text(f"FROM {BASE_IMAGE}\nCOPY . /context/\n")
+    engine.build("hc-context-probe", context, probe)
+    listing = engine.docker("run", "--rm", "hc-context-probe", "find", "/context", "-type", "f").stdout.split()
+    received = {name.removeprefix("/context/") for name in listing}
+    admitted = {"requirements.txt", "docker/healthcheck.py", "docker/web-concurrency.sh"} | {
+        str(path.relative_to(context)) for path in (context / "app").rglob("*.py") if "__pycache__" not in path.parts
+    }
+    admitted |= (
+        {"manage.py", "templates/index.html"}
+        if existing
+        else {"alembic.ini"} | {str(path.relative_to(context)) for path in (context / "migrations").rglob("*") if path.is_file()}
+    )
+    assert received == admitted
+    assert not received & set(BACKEND_NEVER)
+
+
 def test_backup_and_restore_round_trip(engine: Engine, tmp_path: Path) -> None:
     """make backup / make restore against the real database: private files, nothing left by a
     failed dump, damaged or empty files refused, encrypted dumps, data back after the volume
@@ -451,8 +490,8 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
         login = f'PGPASSWORD="$1" psql -X -qtA -h 127.0.0.1 -U "${user_variable}" -d "$POSTGRES_DB" -c "$0"'
         return compose("exec", "-T", "postgres", "sh", "-c", login, statement, password, check=False)
 
-    def secret(name: str) -> str:
-        return (project / "secrets" / name).read_text()
+    def secret(name: str) -> str:  # the test stack's own (secrets/test/), never production's
+        return (project / "secrets" / "test" / name).read_text()
 
     def rotate(name: str) -> str:
         command = ["python3", "scripts/rotate_secret.py", "--compose-file", "compose.test.yaml", name]
@@ -460,6 +499,7 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
+    production = {path.name: path.read_text() for path in (project / "secrets").iterdir() if path.is_file()}
     try:
         compose("up", "--detach", "--wait", "--no-build")
         assert (
@@ -490,7 +530,8 @@ def test_rotate_every_secret_on_the_running_stack(engine: Engine, tmp_path: Path
 
         rotate("app_secret_key")
         assert http(port, "/api/health") == (200, b'{"status":"ok"}')
-        assert not list((project / "secrets").glob(".*.previous"))
+        assert not list((project / "secrets").glob("**/.*.previous"))
+        assert {path.name: path.read_text() for path in (project / "secrets").iterdir() if path.is_file()} == production
     finally:
         compose("down", "--volumes", check=False)
 

@@ -219,6 +219,18 @@ DENIED_TO_THE_APP = [
     ("CLIENT", "KILL", "ID", "1"),
     ("SWAPDB", "0", "1"),
     ("RESTORE", "restored", "0", "payload"),
+    # Lua reaches the app only as EVALSHA of a script loaded with SCRIPT LOAD (kombu and the
+    # result backend need them); no EVAL, and no stored functions, which persist in the AOF.
+    ("EVAL", "return 1", "0"),
+    ("EVAL_RO", "return 1", "0"),
+    ("FUNCTION", "LOAD", "#!lua name=planted\nredis.register_function('planted', function() return 1 end)"),
+    ("FUNCTION", "RESTORE", "payload"),
+    ("FUNCTION", "DELETE", "planted"),
+    ("FUNCTION", "FLUSH"),
+    ("FCALL", "planted", "0"),
+    ("FCALL_RO", "planted", "0"),
+    ("SCRIPT", "FLUSH"),
+    ("SCRIPT", "KILL"),
     # Last: where they are allowed, they take over the connection or stop the server.
     ("MONITOR",),
     ("SHUTDOWN", "NOSAVE"),
@@ -252,7 +264,7 @@ def test_redis_app_credentials_are_refused_dangerous_commands_and_admin_keeps_th
     assert [c for c in DENIED_TO_THE_APP if "no permissions" not in admin.acl_dryrun("default", *c)] == []
     # A Lua script runs with its caller's rights: no way around the rules.
     with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
-        app.eval("return redis.call('FLUSHALL')", 0)
+        app.evalsha(app.script_load("return redis.call('FLUSHALL')"), 0)
     assert app.get("survivor") == "still here" and process.poll() is None
 
     # The operator's admin user has every right, with its own password only.
@@ -302,15 +314,20 @@ def test_celery_worker_beat_and_a_task_round_trip_need_nothing_the_app_user_is_d
     admin = r.admin()
     admin.acl_log_reset()
     # beat runs a module that adds a schedule to the skeleton's Celery app.
+    # beat runs a module that adds a schedule to the skeleton's Celery app, and a task that sums a
+    # chord's results (the Redis result backend counts a chord's parts with Lua scripts).
     (r.root / "scheduled.py").write_text(
         "from app.celery_app import celery\n"
         'celery.conf.beat_schedule = {"answer": {"task": "app.celery_app.add", "schedule": 1.0, "args": (40, 2)}}\n'
+        "@celery.task\n"
+        "def total(values: list[int]) -> int:\n"
+        "    return sum(values)\n"
     )
     env = celery_env(r, PYTHONPATH=str(r.root))
     worker = start_celery(
         r,
         "worker.log",
-        "--app=app.celery_app",
+        "--app=scheduled:celery",
         "worker",
         "--queues=default",
         "--hostname=default@%h",
@@ -328,18 +345,21 @@ def test_celery_worker_beat_and_a_task_round_trip_need_nothing_the_app_user_is_d
     ).read_text()[-2000:]
     assert healthy(r, healthcheck_command(r.project, "beat"), env)
     client = (
+        "from celery import chord\n"
         "from app.celery_app import add, celery\n"
+        "from scheduled import total\n"
         "result = add.delay(2, 3)\n"
         "print(result.get(timeout=30))\n"
         "result.forget()\n"
+        "print(chord([add.s(1, 1), add.s(2, 2)])(total.s()).get(timeout=30))\n"
         "celery.control.revoke(add.apply_async((1, 1), countdown=3600).id)\n"  # revoked, kept unacked
         "add.apply_async((2, 2), countdown=3600)\n"  # held unacknowledged by the worker until it stops
     )
     round_trip = subprocess.run(
         [sys.executable, "-c", client], cwd=r.project / "backend", env=env, capture_output=True, text=True, timeout=60
     )
-    assert round_trip.stdout.strip() == "5", round_trip.stderr[-2000:]
-    assert wait_until(lambda: worker_log.read_text().count("received") >= 3, timeout=30)
+    assert round_trip.stdout.split() == ["5", "6"], round_trip.stderr[-2000:]
+    assert wait_until(lambda: worker_log.read_text().count("received") >= 6, timeout=30)
     r.processes.stop(worker)  # warm shutdown: the held tasks go back to the queue
 
     assert admin.acl_log(count=100) == [], "Celery needed a command the application's user is denied"

@@ -26,7 +26,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return render(tmp_path_factory.mktemp("skeleton") / "p", services=["redis", "celery_worker"], cors_origins=ORIGIN)
 
 
-@pytest.fixture(params=["production", "test"])
+@pytest.fixture(params=["production", "test", "development"])
 def backend(request: pytest.FixtureRequest, project: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ, "APP_ENV": request.param, "CORS_ORIGINS": ORIGIN}
@@ -41,11 +41,13 @@ def backend(request: pytest.FixtureRequest, project: Path) -> Iterator[tuple[str
             processes.stop_all()
 
 
-def test_demo_and_docs_routes_exist_only_outside_production(backend: tuple[str, int]) -> None:
+def test_docs_exist_outside_production_and_the_unauthenticated_demo_routes_only_in_development(
+    backend: tuple[str, int],
+) -> None:
+    """The test stack runs on the production server (APP_ENV=test): no demo route there either."""
     mode, port = backend
-    expected = 404 if mode == "production" else 200
-    assert http_status(port, "/api/openapi.json") == expected
-    if mode == "test":
+    assert http_status(port, "/api/openapi.json") == (404 if mode == "production" else 200)
+    if mode == "development":
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/openapi.json", timeout=5) as response:
             assert "/api/tasks/add" in json.load(response)["paths"]
     else:

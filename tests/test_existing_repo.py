@@ -144,8 +144,12 @@ def test_the_existing_app_contract_is_checked_at_generation(tmp_path: Path) -> N
         "backend/service/api.py": "app = object()\n",
         "backend/service/tasks.py": "app = object()\n",
         "backend/requirements.txt": LOCK,
+        "backend/manage.py": "",
+        "backend/.env.production": "",
     })  # fmt: skip
     assert "EXISTING APP" not in complete
+    # backend/.dockerignore is an allow-list: what it leaves out (but hidden files and keys) is named.
+    assert "NOTE: not in the backend image (backend/.dockerignore is an allow-list): backend/manage.py. " in complete, complete
 
 
 def test_user_owned_files_survive_a_second_copy(tmp_path: Path) -> None:

@@ -48,6 +48,29 @@ def test_secrets_are_gitignored_and_absent_from_answers(tmp_path: Path) -> None:
                 assert value not in path.read_text(errors="replace"), path
 
 
+def test_the_test_stack_has_secrets_of_its_own(tmp_path: Path) -> None:
+    """compose.test.yaml runs on the production server too (make test-up, restore rehearsals):
+    it reads its own values from secrets/test/, so nothing it signs or stores is valid in
+    production. They are made like production's: generated once, private, gitignored."""
+    project = render(tmp_path / "p", services=ALL_SERVICES)
+    production = compose_model(project, "compose.yaml")["secrets"]
+    test = compose_model(project, "compose.test.yaml")["secrets"]
+    assert set(test) == set(production)
+    own = project / "secrets" / "test"
+    assert {name: spec["file"] for name, spec in test.items()} == {name: str(own / name) for name in test}
+    test_values = {(project / "secrets" / "test" / name).read_text() for name in test}
+    assert len(test_values) == len(test) and not test_values & {Path(spec["file"]).read_text() for spec in production.values()}
+    for name in test:
+        info = (project / "secrets" / "test" / name).stat()
+        assert stat.S_IMODE(info.st_mode) == (0o440 if os.geteuid() == 0 else 0o600), name
+        if os.geteuid() == 0:
+            assert info.st_gid == 10001
+    run("git", "init", "-q", cwd=project)
+    assert run("git", "check-ignore", "-q", "secrets/test/app_secret_key", cwd=project, check=False).returncode == 0
+    run("python3", "scripts/ensure_secrets.py", cwd=project)
+    assert {(project / "secrets" / "test" / name).read_text() for name in test} == test_values
+
+
 def test_second_copy_and_make_secrets_never_overwrite(tmp_path: Path) -> None:
     project = render(tmp_path / "p", services=["postgres"])
     before = {n: (project / "secrets" / n).read_text() for n in ("app_secret_key", "postgres_password")}
@@ -111,7 +134,7 @@ def test_secrets_script_leaves_correct_secrets_alone_for_an_operator_who_cannot_
     try:
         shared.chmod(0o755)
         project = render(shared / "p")
-        run("chown", "65534:65534", project, project / "scripts", project / "secrets")
+        run("chown", "65534:65534", project, project / "scripts", project / "secrets", project / "secrets" / "test")
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "scripts/ensure_secrets.py"]
         result = subprocess.run(command, cwd=project, capture_output=True, text=True)
         assert result.returncode == 0 and result.stderr == "", result.stderr

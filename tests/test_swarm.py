@@ -255,6 +255,43 @@ def test_deploy_environment_names_configs_after_their_content(full_stack: Path, 
     assert names["postgres_hba"]["name"] == f"my_app_postgres_hba_{after['POSTGRES_HBA_CONFIG_VERSION']}"
 
 
+def test_swarm_verify_reports_engine_versions_and_autolock(full_stack: Path) -> None:
+    """On what a real two-node swarm answers (tests/record_swarm_nodes.py; dockerd 20.10.24):
+    each node's engine version, failing without the fixes of CVE-2023-28840/28841/28842 (below
+    20.10.24, or 23.0.0-23.0.2), and the managers' autolock (CIS 7.6), failing when it is off
+    unless SWARM_AUTOLOCK=off accepts it with a warning."""
+    recorded = json.loads((TESTS / "data" / "swarm_nodes.json").read_text())
+    nodes, autolock, no_autolock = recorded["nodes"], recorded["swarm"]["autolock"], recorded["swarm"]["no_autolock"]
+    report = runpy.run_path(str(full_stack / "scripts" / "swarm.py"))["cluster_report"]
+    lines, failed = report(nodes, autolock, False)
+    assert failed == 0 and len(lines) == len(nodes) + 1 == 3, lines
+    for node, line in zip(nodes, lines, strict=False):
+        assert line == f"ok   node {node['Hostname']}: engine {node['EngineVersion']}"
+    assert lines[-1] == "ok   swarm: managers autolock (CIS Docker Benchmark 7.6)"
+
+    lines, failed = report(nodes, no_autolock, False)
+    assert failed == 1 and lines[-1].startswith("FAIL swarm: managers do not autolock"), lines
+    lines, failed = report(nodes, no_autolock, True)
+    assert failed == 0 and lines[-1].startswith("WARN swarm: managers do not autolock"), lines
+
+    versions = {"20.10.23": False, "20.10.24+dfsg1": True, "20.10.27": True, "23.0.0": False, "23.0.2": False,
+                "23.0.3": True, "24.0.7": True, "29.1.2": True, "": False, "master-dockerproject": False}  # fmt: skip
+    for version, fixed in versions.items():
+        lines, failed = report([{**nodes[0], "EngineVersion": version}], autolock, False)
+        assert failed == (0 if fixed else 1), (version, lines)
+        assert ("CVE-2023-28840" in lines[0]) != fixed, lines
+
+
+def test_swarm_docs_ask_for_fixed_engines_xt_u32_autolock_and_private_addresses(full_stack: Path) -> None:
+    docs = (full_stack / "docs" / "SWARM.md").read_text()
+    assert "Engine 20.10 or later" not in docs
+    for needed in ("20.10.24, or 23.0.3 or later", "CVE-2023-28840", "`xt_u32`", "SWARM_AUTOLOCK=off",
+                   "docker swarm init --autolock --listen-addr <private address>:2377 --advertise-addr <private address>",
+                   "docker swarm join --listen-addr", "docker swarm update --autolock=true"):  # fmt: skip
+        assert needed in docs, needed
+    assert "SWARM_AUTOLOCK=off" in (full_stack / ".env.example").read_text()
+
+
 def test_pinning_covers_the_stack_file(full_stack: Path) -> None:
     pin = runpy.run_path(str(full_stack / "scripts" / "pin_images.py"))
     stack = full_stack / "stack.yaml"

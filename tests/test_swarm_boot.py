@@ -244,11 +244,11 @@ class Deployment:
 
 
 def override_for_tests(deployment: Deployment) -> dict:
-    """stack.override.yaml for the test: APP_ENV test (the demo task endpoint exists only outside
-    production), the API and the worker on different nodes, and, on a kernel without IPVS (no
+    """stack.override.yaml for the test: APP_ENV development (the demo task endpoint exists only
+    there), the API and the worker on different nodes, and, on a kernel without IPVS (no
     service virtual IPs), every service resolved by DNS round robin."""
     services: dict[str, dict] = {name: {"deploy": {}} for name in EXPECTED_TASKS}
-    services["backend"] |= {"environment": {"APP_ENV": "test"}}
+    services["backend"] |= {"environment": {"APP_ENV": "development"}}
     services["backend"]["deploy"]["placement"] = {"constraints": [f"node.labels.{API_LABEL} == true"]}
     services["worker_default"]["deploy"]["placement"] = {"constraints": [f"node.labels.{WORKER_LABEL} == true"]}
     if not deployment.ipvs:

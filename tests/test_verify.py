@@ -610,8 +610,17 @@ def test_public_services_may_publish_everywhere_in_production_only(verify: Modul
 
 def test_missing_secret_file_fails_the_config_check(verify: ModuleType, project: Path) -> None:
     model = compose_model(project, "compose.test.yaml")
-    model["secrets"]["redis_password"]["file"] = str(project / "secrets" / "absent")
-    assert verify.config_problems(model, test=True) == [f"secret redis_password: file {project}/secrets/absent missing"]
+    model["secrets"]["redis_password"]["file"] = str(project / "secrets" / "test" / "absent")
+    assert verify.config_problems(model, test=True) == [f"secret redis_password: file {project}/secrets/test/absent missing"]
+
+
+def test_the_test_stack_may_not_read_the_production_secrets(verify: ModuleType, project: Path) -> None:
+    model = compose_model(project, "compose.test.yaml")
+    assert verify.config_problems(model, test=True) == []
+    model["secrets"]["app_secret_key"]["file"] = str(project / "secrets" / "app_secret_key")  # e.g. by an override
+    assert verify.config_problems(model, test=True) == [
+        f"secret app_secret_key: the test stack reads {project}/secrets/app_secret_key, not its own secrets/test/app_secret_key"
+    ]
 
 
 def test_config_command_judges_services_added_in_the_override(project: Path, tmp_path: Path) -> None:
